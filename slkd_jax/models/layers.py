@@ -1,0 +1,233 @@
+"""Building blocks shared by every model family, faithful to PyTorch.
+
+The reference zoos (RepDistiller / mdistiller, torchvision) are PyTorch. To load
+their checkpoints 1:1 and reproduce their training dynamics we match PyTorch
+where flax's defaults differ:
+
+* convolutions take explicit, symmetric padding (``'SAME'`` pads stride-2
+  convolutions asymmetrically);
+* BatchNorm uses eps 1e-5, momentum 0.1 in PyTorch's sense, and updates the
+  running variance with the *unbiased* batch variance;
+* initialisers are PyTorch's (He normal with fan_out, or PyTorch's default
+  uniform ``±1/sqrt(fan_in)`` for weights and biases).
+
+Every module takes a compute ``dtype``; parameters and BatchNorm statistics
+stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# ---------------------------------------------------------------------------
+# Initialisers.
+
+#: ``torch.nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')``:
+#: an untruncated normal with std sqrt(2 / (k*k*out_channels)).
+he_normal_fan_out: Initializer = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal")
+
+#: PyTorch's default weight init for Conv/Linear
+#: (``kaiming_uniform_(a=sqrt(5))``): uniform in ±1/sqrt(fan_in).
+torch_default_kernel: Initializer = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+  """PyTorch's default bias init for Conv/Linear: uniform in ±1/sqrt(fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def normal(std: float) -> Initializer:
+  """``torch.nn.init.normal_(w, 0, std)``."""
+  return nn.initializers.normal(stddev=std)
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+class Conv(nn.Module):
+  """2-D convolution with PyTorch semantics (NHWC, HWIO kernel).
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size k.
+    strides: stride.
+    padding: symmetric zero padding on each side; default ``k // 2`` (PyTorch
+      models in the zoo always pass it explicitly, so do we).
+    groups: ``feature_group_count`` (``groups`` in PyTorch; depthwise when it
+      equals the input channels).
+    use_bias: add a bias.
+    init: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or ``'torch'``
+      (PyTorch's default uniform for weight and bias).
+    dtype: compute dtype; parameters are float32.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int | None = None
+  groups: int = 1
+  use_bias: bool = False
+  init: str = "he_fan_out"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    pad = k // 2 if self.padding is None else self.padding
+    fan_in = (x.shape[-1] // self.groups) * k * k
+    if self.init == "he_fan_out":
+      kernel_init, bias_init = he_normal_fan_out, nn.initializers.zeros
+    elif self.init == "torch":
+      kernel_init, bias_init = torch_default_kernel, torch_default_bias(fan_in)
+    else:
+      raise ValueError(f"Conv.init must be 'he_fan_out' or 'torch', got "
+                       f"{self.init!r}")
+    kernel = self.param("kernel", kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups)
+    if self.use_bias:
+      bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """Fully connected layer; ``init`` as for :class:`Conv`, plus ``'normal'``.
+
+  ``'torch'``: PyTorch's default uniform (weight and bias);
+  ``'torch_zero_bias'``: PyTorch's default weight, bias 0 (WRN);
+  ``'normal'``: N(0, 0.01) weight, bias 0 (VGG, MobileNetV2).
+  The output is float32 whatever the compute dtype: logits feed the losses.
+  """
+  features: int
+  init: str = "torch"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    if self.init == "torch":
+      kernel_init, bias_init = torch_default_kernel, torch_default_bias(fan_in)
+    elif self.init == "torch_zero_bias":
+      kernel_init, bias_init = torch_default_kernel, nn.initializers.zeros
+    elif self.init == "normal":
+      kernel_init, bias_init = normal(0.01), nn.initializers.zeros
+    else:
+      raise ValueError(f"Linear.init must be 'torch', 'torch_zero_bias' or "
+                       f"'normal', got {self.init!r}")
+    kernel = self.param("kernel", kernel_init, (fan_in, self.features),
+                        jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y.astype(jnp.float32) + bias
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all but the last axis, matching ``torch.nn.BatchNorm2d``.
+
+  Train mode normalises with the biased batch variance and updates the running
+  statistics as PyTorch does: ``running = 0.9 * running + 0.1 * batch`` with
+  the *unbiased* variance ``var * n / (n - 1)``. Statistics are float32 even
+  under bfloat16 compute. Eval mode uses the running statistics.
+
+  ``mask`` (shape ``[B]``, bool/0-1) excludes padded examples from the batch
+  statistics, so a padded final batch behaves exactly like the smaller real
+  batch the reference trains on. Under ``jit`` with the batch sharded over
+  devices, the reductions become all-reduces: the statistics are those of the
+  global batch.
+  """
+  momentum: float = 0.9  # flax convention: PyTorch momentum 0.1.
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool,
+               mask: jax.Array | None = None) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean",
+                            lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var",
+                           lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      per_example = math.prod(x.shape[1:-1])
+      if mask is None:
+        n = jnp.asarray(x.shape[0] * per_example, jnp.float32)
+        mean = xf.mean(axes)
+        var = jnp.square(xf - mean).mean(axes)
+      else:
+        w = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.sum(w) * per_example
+        safe_n = jnp.maximum(n, 1.0)
+        mean = jnp.sum(xf * w, axes) / safe_n
+        var = jnp.sum(jnp.square(xf - mean) * w, axes) / safe_n
+      if not self.is_initializing():
+        unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+        ra_var.value = m * ra_var.value + (1.0 - m) * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    return ((xf - mean) * mul + bias).astype(self.dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes of an NHWC tensor (``AdaptiveAvgPool2d(1)``)."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0
+             ) -> jax.Array:
+  """``nn.MaxPool2d(window, stride, padding)`` (padding never wins the max)."""
+  return nn.max_pool(x, (window, window), (stride, stride),
+                     ((padding, padding), (padding, padding)))
+
+
+def avg_pool(x: jax.Array, window: int, stride: int, padding: int = 0
+             ) -> jax.Array:
+  """``nn.AvgPool2d(window, stride, padding)`` with ``count_include_pad=True``.
+
+  Zero padding counts in the denominator (always ``window**2``), as PyTorch's
+  default.
+  """
+  return nn.avg_pool(x, (window, window), (stride, stride),
+                     ((padding, padding), (padding, padding)),
+                     count_include_pad=True)
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet channel shuffle: ``[N,H,W,g*c] -> [N,H,W,c*g]`` (transpose)."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h, w, groups, c // groups)
+  return jnp.swapaxes(x, 3, 4).reshape(n, h, w, c)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays (or ``ShapeDtypeStruct``s)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+

@@ -1,0 +1,113 @@
+"""Device mesh, shardings and multi-process helpers, all in one place.
+
+One SPMD program: a 1-D ``Mesh`` over every device of every process with the
+axis ``data``. Batches are sharded on ``data``; model and optimizer state are
+replicated. Under ``jax.jit`` XLA inserts the collectives (gradient
+all-reduce, BatchNorm statistics of the global batch), so results do not
+depend on the device or process count.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh ``('data',)`` over ``devices`` (default: all global devices).
+
+  Built with ``Mesh`` and an ``Auto`` axis rather than ``jax.make_mesh``,
+  whose Explicit default and multi-slice check do not fit a pure
+  data-parallel program on multi-node GPU jobs.
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of a value held whole on every device (state, scalars)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch: leading axis split over ``data``."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, what: str = "batch_size"
+                       ) -> None:
+  """Raise a clear error unless the batch splits evenly over devices and
+  processes."""
+  n_dev, n_proc = mesh.size, jax.process_count()
+  if global_batch % n_dev or global_batch % n_proc:
+    raise ValueError(
+        f"{what}={global_batch} must be divisible by the number of devices "
+        f"({n_dev}) and processes ({n_proc}); choose a multiple of {n_dev}.")
+
+
+def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
+  """Assemble per-process batch slices into global arrays sharded on ``data``.
+
+  Each process passes its own ``global_batch / process_count`` examples (numpy
+  arrays with the leading batch axis); the result is one global ``jax.Array``
+  per leaf. On a single process this is a sharded ``device_put``.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      tree)
+
+
+def global_to_host(tree: Any) -> Any:
+  """Fetch (replicated or fully addressable) arrays to numpy on this host.
+
+  Sharded arrays spanning several processes are first made replicated with
+  ``process_allgather``.
+  """
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Start ``jax.distributed`` when this is one of several processes.
+
+  Explicit arguments win; otherwise the ``SLKD_COORDINATOR``,
+  ``SLKD_NUM_PROCESSES`` and ``SLKD_PROCESS_ID`` environment variables (set by
+  ``launch/local.sh``); otherwise SLURM is auto-detected by JAX when
+  ``SLURM_NTASKS`` > 1. Returns whether distributed mode was initialised.
+  Must run before anything touches a device.
+  """
+  coordinator_address = coordinator_address or os.environ.get(
+      "SLKD_COORDINATOR")
+  if num_processes is None and "SLKD_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["SLKD_NUM_PROCESSES"])
+  if process_id is None and "SLKD_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["SLKD_PROCESS_ID"])
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()  # SLURM cluster auto-detection.
+    return True
+  return False
+
+
+def sync_processes(name: str) -> None:
+  """Barrier across processes (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,141 @@
+"""Model zoo: registry, exact parameter counts, forward passes, features."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slkd_jax import models
+
+# (params, BN running mean+var) of the reference PyTorch zoo, 100 classes for
+# CIFAR models and 1000 for ImageNet ones (SPEC.md section 7).
+REFERENCE_COUNTS = {
+    "resnet8": (83_892, 672),
+    "resnet14": (181_108, 1_120),
+    "resnet20": (278_324, 1_568),
+    "resnet32": (472_756, 2_464),
+    "resnet44": (667_188, 3_360),
+    "resnet56": (861_620, 4_256),
+    "resnet110": (1_736_564, 8_288),
+    "resnet8x4": (1_233_540, 2_752),
+    "resnet32x4": (7_433_860, 9_920),
+    "wrn_16_1": (180_916, 928),
+    "wrn_16_2": (703_284, 1_824),
+    "wrn_40_1": (569_780, 2_720),
+    "wrn_40_2": (2_255_156, 5_408),
+    "vgg8": (3_965_028, 2_944),
+    "vgg11": (9_277_284, 5_504),
+    "vgg13": (9_462_180, 5_888),
+    "vgg16": (14_774_436, 8_448),
+    "vgg19": (20_086_692, 11_008),
+    "MobileNetV2": (812_836, 18_368),
+    "ShuffleV1": (949_258, 23_736),
+    "ShuffleV2": (1_355_528, 16_180),
+    "ResNet50": (23_705_252, 53_120),
+    "imagenet_resnet18": (11_689_512, 9_600),
+    "imagenet_resnet34": (21_797_672, 17_024),
+    "imagenet_resnet50": (25_557_032, 53_120),
+    "imagenet_mobilenetv1": (4_231_976, 21_888),
+}
+
+
+def _abstract_variables(name):
+  model = models.create(name)
+  size = models.info(name).image_size
+  return model, jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)),
+                         train=False))
+
+
+def test_registry_lists_every_reference_model():
+  assert sorted(REFERENCE_COUNTS) == models.available()
+
+
+def test_unknown_model_error_lists_choices():
+  with pytest.raises(ValueError, match="unknown model 'resnet9'.*resnet8"):
+    models.create("resnet9")
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_parameter_counts_match_reference(name):
+  _, variables = _abstract_variables(name)
+  assert set(variables) == {"params", "batch_stats"}
+  params, stats = REFERENCE_COUNTS[name]
+  assert models.count_params(variables["params"]) == params
+  assert models.count_params(variables["batch_stats"]) == stats
+
+
+def _forward_size(name):
+  # ImageNet models pool globally, so a 64-pixel input exercises every layer
+  # at a fraction of the cost of 224.
+  return 64 if name.startswith("imagenet_") else 32
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_forward_train_and_eval(name):
+  model = models.create(name, num_classes=10)
+  size = _forward_size(name)
+  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+
+  @jax.jit
+  def run(variables, x):
+    train_logits, updates = model.apply(variables, x, train=True,
+                                        mutable=["batch_stats"])
+    eval_logits = model.apply(variables, x, train=False)
+    return train_logits, eval_logits, updates
+
+  train_logits, eval_logits, updates = run(variables, x)
+  for logits in (train_logits, eval_logits):
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+  # Train mode moves the running statistics; eval mode leaves them alone.
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                       variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2",
+                                  "ShuffleV1", "ShuffleV2", "imagenet_resnet18"])
+def test_return_features(name):
+  model = models.create(name, num_classes=10)
+  size = _forward_size(name)
+  x = jnp.ones((2, size, size, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  logits, features = model.apply(variables, x, train=False,
+                                 return_features=True)
+  assert logits.shape == (2, 10)
+  *maps, pooled = features
+  assert len(maps) >= 3
+  for fmap in maps:
+    assert fmap.ndim == 4 and fmap.shape[0] == 2
+  # The pooled embedding is the classifier's input.
+  assert pooled.ndim == 2 and pooled.shape[0] == 2
+  np.testing.assert_allclose(pooled, jnp.mean(maps[-1], axis=(1, 2)),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ShuffleV2"])
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+  model32 = models.create(name, num_classes=10)
+  model16 = models.create(name, num_classes=10, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model16.init(jax.random.key(0), x, train=False)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  logits16, updates = model16.apply(variables, x, train=True,
+                                    mutable=["batch_stats"])
+  assert logits16.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32
+             for leaf in jax.tree.leaves(updates["batch_stats"]))
+  logits32 = model32.apply(variables, x, train=False)
+  logits16 = model16.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits16, logits32, atol=0.15, rtol=0.1)
+
+
+def test_importing_core_does_not_import_tensorflow():
+  code = ("import sys, slkd_jax, slkd_jax.models; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
