@@ -94,12 +94,12 @@ def test_initialisers_match_pytorch_scales():
   x = jnp.zeros((1, 8, 8, 64))
   he = layers.Conv(128, 3).init(key, x)["params"]["kernel"]
   assert float(jnp.std(he)) == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.03)
-  torch_conv = layers.Conv(128, 3, use_bias=True, init="torch").init(key, x)
+  torch_conv = layers.Conv(128, 3, use_bias=True, init_scheme="torch").init(key, x)
   bound = 1 / math.sqrt(9 * 64)
   for leaf in torch_conv["params"].values():
     assert float(jnp.max(jnp.abs(leaf))) <= bound
     assert float(jnp.max(jnp.abs(leaf))) > 0.9 * bound
-  dense = layers.Linear(10, init="normal").init(key, jnp.zeros((1, 512)))
+  dense = layers.Linear(10, init_scheme="normal").init(key, jnp.zeros((1, 512)))
   assert float(jnp.std(dense["params"]["kernel"])) == pytest.approx(0.01,
                                                                    rel=0.05)
   np.testing.assert_array_equal(dense["params"]["bias"], 0.0)

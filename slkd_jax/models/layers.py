@@ -72,7 +72,7 @@ class Conv(nn.Module):
     groups: ``feature_group_count`` (``groups`` in PyTorch; depthwise when it
       equals the input channels).
     use_bias: add a bias.
-    init: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or ``'torch'``
+    init_scheme: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or ``'torch'``
       (PyTorch's default uniform for weight and bias).
     dtype: compute dtype; parameters are float32.
   """
@@ -82,7 +82,7 @@ class Conv(nn.Module):
   padding: int | None = None
   groups: int = 1
   use_bias: bool = False
-  init: str = "he_fan_out"
+  init_scheme: str = "he_fan_out"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -90,13 +90,13 @@ class Conv(nn.Module):
     k = self.kernel_size
     pad = k // 2 if self.padding is None else self.padding
     fan_in = (x.shape[-1] // self.groups) * k * k
-    if self.init == "he_fan_out":
+    if self.init_scheme == "he_fan_out":
       kernel_init, bias_init = he_normal_fan_out, nn.initializers.zeros
-    elif self.init == "torch":
+    elif self.init_scheme == "torch":
       kernel_init, bias_init = torch_default_kernel, torch_default_bias(fan_in)
     else:
-      raise ValueError(f"Conv.init must be 'he_fan_out' or 'torch', got "
-                       f"{self.init!r}")
+      raise ValueError(f"Conv.init_scheme must be 'he_fan_out' or 'torch', got "
+                       f"{self.init_scheme!r}")
     kernel = self.param("kernel", kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features),
                         jnp.float32)
@@ -113,7 +113,7 @@ class Conv(nn.Module):
 
 
 class Linear(nn.Module):
-  """Fully connected layer; ``init`` as for :class:`Conv`, plus ``'normal'``.
+  """Fully connected layer; ``init_scheme`` as for :class:`Conv`, plus ``'normal'``.
 
   ``'torch'``: PyTorch's default uniform (weight and bias);
   ``'torch_zero_bias'``: PyTorch's default weight, bias 0 (WRN);
@@ -121,21 +121,21 @@ class Linear(nn.Module):
   The output is float32 whatever the compute dtype: logits feed the losses.
   """
   features: int
-  init: str = "torch"
+  init_scheme: str = "torch"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1]
-    if self.init == "torch":
+    if self.init_scheme == "torch":
       kernel_init, bias_init = torch_default_kernel, torch_default_bias(fan_in)
-    elif self.init == "torch_zero_bias":
+    elif self.init_scheme == "torch_zero_bias":
       kernel_init, bias_init = torch_default_kernel, nn.initializers.zeros
-    elif self.init == "normal":
+    elif self.init_scheme == "normal":
       kernel_init, bias_init = normal(0.01), nn.initializers.zeros
     else:
-      raise ValueError(f"Linear.init must be 'torch', 'torch_zero_bias' or "
-                       f"'normal', got {self.init!r}")
+      raise ValueError(f"Linear.init_scheme must be 'torch', 'torch_zero_bias' or "
+                       f"'normal', got {self.init_scheme!r}")
     kernel = self.param("kernel", kernel_init, (fan_in, self.features),
                         jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
@@ -194,6 +194,18 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     return ((xf - mean) * mul + bias).astype(self.dtype)
+
+
+def conv_bn(conv: Conv, bn_name: str, x: jax.Array, train: bool, mask=None,
+            relu: bool = True) -> jax.Array:
+  """Apply ``conv``, then a BatchNorm named ``bn_name``, then ReLU if asked.
+
+  Must be called inside a compact method: the BatchNorm becomes a direct
+  submodule of the calling module, so parameter paths stay those of PyTorch
+  (``conv_0`` / ``conv_1`` as siblings, no extra nesting level).
+  """
+  y = BatchNorm(dtype=conv.dtype, name=bn_name)(conv(x), train, mask)
+  return nn.relu(y) if relu else y
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -1,0 +1,187 @@
+"""The method table: which networks a method runs and which losses it sums.
+
+=================  =========  =====  ==============================================
+method             teacher    SL-Ts  student objective (SL-Ts: Σ_j w_ce·CE + w_kd·KD)
+=================  =========  =====  ==============================================
+``ce``             no         no     CE (teacher training / student from scratch)
+``kd``             yes        no     w_ce·CE + w_kd·KD_T(z_s, z_t)       (Hinton)
+``dkd``            yes        no     w_ce·CE + warm·DKD(α, β, T)         (Zhao)
+``slkd``           yes        K      w_ce·CE + w_kd·KD_T(z_s,z_t)
+                                     + w_p·(w_ce_cs·CE + w_kd_cs·KD_T(z_s,z_c))
+``slkd_t_only``    yes        no     = ``kd`` (paper Table 7: teacher only)
+``slkd_slt_only``  yes        K      ``slkd`` with w_kd = 0 for the student
+``slkd_seq``       yes        K      SLKD*: SL-Ts step first, then the student
+                                     learns from the *updated* SL-Ts' fusion
+=================  =========  =====  ==============================================
+
+Loss weights and the temperature arrive as :class:`HParams` arrays, so a study
+can change them (or ``jax.vmap`` over runs) without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from slkd_jax import losses, optim
+
+
+@flax.struct.dataclass
+class HParams:
+  """Hyper-parameters passed to the step as (replicated) float32 arrays."""
+  learning_rate: jax.Array
+  temperature: jax.Array
+  ce_weight: jax.Array
+  kd_weight: jax.Array
+  fused_weight: jax.Array
+  fused_ce_weight: jax.Array
+  fused_kd_weight: jax.Array
+  slt_ce_weight: jax.Array
+  slt_kd_weight: jax.Array
+  fusion_weights: jax.Array  # [K] ([0] without SL-Ts)
+  dkd_alpha: jax.Array
+  dkd_beta: jax.Array
+  dkd_warmup_factor: jax.Array  # min(epoch / warmup, 1), epoch 1-indexed
+
+
+@flax.struct.dataclass
+class Logits:
+  """The logits of one step: student ``[B,C]``, teacher ``[B,C]`` or None,
+  SL-Ts ``[K,B,C]`` or None and their fusion ``[B,C]`` or None."""
+  student: jax.Array
+  teacher: jax.Array | None = None
+  slts: jax.Array | None = None
+  fused: jax.Array | None = None
+
+
+StudentObjective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _ce_objective(logits: Logits, labels, mask, hp: HParams, **_):
+  ce = losses.cross_entropy(logits.student, labels, mask)
+  return ce, {"student_ce": ce}
+
+
+def _kd_objective(logits: Logits, labels, mask, hp: HParams, **_):
+  ce = losses.cross_entropy(logits.student, labels, mask)
+  kd = losses.kd_loss(logits.student, jax.lax.stop_gradient(logits.teacher),
+                      hp.temperature, mask)
+  return hp.ce_weight * ce + hp.kd_weight * kd, {"student_ce": ce,
+                                                 "student_kd_teacher": kd}
+
+
+def _dkd_objective(logits: Logits, labels, mask, hp: HParams, **_):
+  ce = losses.cross_entropy(logits.student, labels, mask)
+  dkd = losses.dkd_loss(logits.student, jax.lax.stop_gradient(logits.teacher),
+                        labels, hp.dkd_alpha, hp.dkd_beta, hp.temperature, mask)
+  return (hp.ce_weight * ce + hp.dkd_warmup_factor * dkd,
+          {"student_ce": ce, "student_dkd": dkd})
+
+
+def _slkd_objective(logits: Logits, labels, mask, hp: HParams, *,
+                    detach_fused_target: bool, teacher_term: bool = True):
+  return losses.slkd_student_loss(
+      logits.student, logits.teacher, logits.fused, labels,
+      temperature=hp.temperature, ce_weight=hp.ce_weight,
+      kd_weight=hp.kd_weight if teacher_term else 0.0,
+      fused_weight=hp.fused_weight, fused_ce_weight=hp.fused_ce_weight,
+      fused_kd_weight=hp.fused_kd_weight,
+      detach_fused_target=detach_fused_target, mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the method table.
+
+  Attributes:
+    name: registry name (``config.method``).
+    uses_teacher: runs the frozen teacher.
+    uses_slts: trains K stacked SL-Ts alongside the student.
+    sequential: SLKD*: the SL-Ts update first and the student then learns from
+      the updated SL-Ts (gradient stopped); otherwise one joint gradient of
+      the summed loss.
+    student_objective: ``f(logits, labels, mask, hp, detach_fused_target=)``
+      → (loss, terms).
+    description: one line for ``--help`` and errors.
+  """
+  name: str
+  uses_teacher: bool
+  uses_slts: bool
+  student_objective: StudentObjective
+  description: str
+  sequential: bool = False
+
+
+def _slt_only(logits, labels, mask, hp, *, detach_fused_target):
+  return _slkd_objective(logits, labels, mask, hp,
+                         detach_fused_target=detach_fused_target,
+                         teacher_term=False)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("ce", False, False, _ce_objective,
+           "cross-entropy only (teacher training, student from scratch)"),
+    Method("kd", True, False, _kd_objective, "Hinton KD"),
+    Method("dkd", True, False, _dkd_objective, "decoupled KD (Zhao 2022)"),
+    Method("slkd", True, True, _slkd_objective,
+           "SLKD: teacher + K fused self-learning teachers"),
+    Method("slkd_t_only", True, False, _kd_objective,
+           "ablation: the student learns from the teacher only (= kd)"),
+    Method("slkd_slt_only", True, True, _slt_only,
+           "ablation: the student learns from CE and the fused SL-Ts only"),
+    Method("slkd_seq", True, True, _slkd_objective,
+           "SLKD*: SL-Ts step first, the student learns from the updated "
+           "SL-Ts", sequential=True),
+]}
+
+
+def get(name: str) -> Method:
+  """The :class:`Method` called ``name``; a clear error otherwise."""
+  try:
+    return METHODS[name]
+  except KeyError:
+    raise ValueError(f"config.method={name!r} is not a method; choose one of "
+                     f"{', '.join(METHODS)}") from None
+
+
+def fusion_weights(config: Any) -> list[float]:
+  """SL-T fusion weights: ``config.slkd.fusion_weights`` or uniform 1/K
+  (the reference's (0.5, 0.5) at K = 2); empty without SL-Ts."""
+  if not get(config.method).uses_slts:
+    return []
+  if config.slkd.fusion_weights is not None:
+    return [float(w) for w in config.slkd.fusion_weights]
+  return [1.0 / config.slkd.num_slts] * config.slkd.num_slts
+
+
+def make_hparams(config: Any, epoch: int) -> HParams:
+  """The :class:`HParams` for (1-indexed) ``epoch`` from a run config.
+
+  The learning rate follows the step schedule; DKD's warm-up factor is
+  ``min(epoch / warmup, 1)``. SL-T loss weights default to (are tied to) the
+  student's ``ce_weight`` / ``kd_weight`` as in the reference.
+  """
+  loss, opt = config.loss, config.optim
+  fusion = fusion_weights(config)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+  tied = lambda v, default: default if v is None else v  # noqa: E731
+  return HParams(
+      learning_rate=f32(optim.learning_rate(opt.learning_rate, epoch,
+                                            opt.decay_epochs, opt.decay_rate)),
+      temperature=f32(loss.temperature),
+      ce_weight=f32(loss.ce_weight),
+      kd_weight=f32(loss.kd_weight),
+      fused_weight=f32(loss.fused_weight),
+      fused_ce_weight=f32(loss.fused_ce_weight),
+      fused_kd_weight=f32(loss.fused_kd_weight),
+      slt_ce_weight=f32(tied(loss.slt_ce_weight, loss.ce_weight)),
+      slt_kd_weight=f32(tied(loss.slt_kd_weight, loss.kd_weight)),
+      fusion_weights=f32(fusion).reshape((len(fusion),)),
+      dkd_alpha=f32(loss.dkd_alpha),
+      dkd_beta=f32(loss.dkd_beta),
+      dkd_warmup_factor=f32(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
+  )

@@ -1,0 +1,119 @@
+"""Wide Residual Networks (Zagoruyko & Komodakis, "Wide Residual Networks",
+BMVC 2016), as in RepDistiller / mdistiller.
+
+``wrn_d_k``: depth ``d = 6n+4``, widen factor ``k``; a 3×3 stem (no BN) then
+three groups of ``n`` pre-activation BasicBlocks with 16k / 32k / 64k
+channels at 32, 16 and 8 pixels, a final BN+ReLU, global average pool and fc.
+Dropout is off in the reference configurations, so it is not implemented.
+
+Parameter paths follow the PyTorch module tree
+(``block1.layer.0.convShortcut`` → ``block1/layer_0/convShortcut``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slkd_jax.models.layers import BatchNorm, Conv, Linear, global_avg_pool
+from slkd_jax.models.registry import register
+
+
+class WideBasicBlock(nn.Module):
+  """Pre-activation block: BN-ReLU-conv3×3(stride)-BN-ReLU-conv3×3 + shortcut.
+
+  With equal input and output widths the shortcut is the raw input. Otherwise
+  the reference activates the input itself first (``x = relu(bn1(x))``), and
+  the shortcut is a bias-free 1×1 conv (stride, no BN) of that *activated*
+  input; this asymmetry matters for checkpoint fidelity.
+  """
+  planes: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    equal_in_out = x.shape[-1] == self.planes
+    act = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+    out = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype,
+               name="conv1")(act)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, train, mask))
+    out = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
+    if equal_in_out:
+      # The reference never strides an equal-width block (only the first block
+      # of a group strides, and it always widens), so the identity is safe.
+      shortcut = x
+    else:
+      shortcut = Conv(self.planes, 1, self.strides, 0, dtype=self.dtype,
+                      name="convShortcut")(act)
+    return shortcut + out
+
+
+class NetworkBlock(nn.Module):
+  """A group of ``num_layers`` blocks; only the first one strides / widens.
+
+  Its blocks are named ``layer_i`` to mirror PyTorch's ``NetworkBlock.layer``
+  ``nn.Sequential``.
+  """
+  num_layers: int
+  planes: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    for i in range(self.num_layers):
+      x = WideBasicBlock(self.planes, self.strides if i == 0 else 1,
+                         self.dtype, name=f"layer_{i}")(x, train, mask)
+    return x
+
+
+class WideResNet(nn.Module):
+  """WRN of depth ``6n+4`` and widen factor ``widen`` for 32×32 inputs.
+
+  Features (``return_features=True``): the stem conv output (no BN in the
+  stem), the outputs of ``block1`` and ``block2`` (raw residual sums, as the
+  reference's f1/f2), the *post* final-BN+ReLU map of ``block3`` (so that the
+  pooled embedding is its global average; the reference's f3 is the raw
+  ``block3`` sum before ``bn1``), and the pooled embedding.
+  """
+  depth: int
+  widen: int
+  num_classes: int = 100
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_features: bool = False, mask=None):
+    if (self.depth - 4) % 6:
+      raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+    n = (self.depth - 4) // 6
+    widths = (16 * self.widen, 32 * self.widen, 64 * self.widen)
+    x = Conv(16, 3, 1, 1, dtype=self.dtype, name="conv1")(x)
+    features = [x]
+    for i, (planes, strides) in enumerate(zip(widths, (1, 2, 2))):
+      x = NetworkBlock(n, planes, strides, self.dtype,
+                       name=f"block{i + 1}")(x, train, mask)
+      features.append(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+    features[-1] = x
+    # The reference's avg_pool2d(out, 8) is global on the 8×8 map of a 32×32
+    # input.
+    pooled = global_avg_pool(x)
+    logits = Linear(self.num_classes, "torch_zero_bias", self.dtype,
+                    name="fc")(pooled)
+    if return_features:
+      return logits, features + [pooled.astype(jnp.float32)]
+    return logits
+
+
+def _register(depth: int, widen: int) -> None:
+  register(f"wrn_{depth}_{widen}")(lambda num_classes, dtype: WideResNet(
+      depth, widen, num_classes, dtype))
+
+
+for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
+  _register(_depth, _widen)
