@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   # An orbax checkpoint dir (ours), a workdir of a previous run, or a PyTorch
   # .pth; None trains the teacher first (stage "teacher").
   c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
+  # Stage "teacher" (CE) recipe, used only when no checkpoint is given; the
+  # reference teachers train like CIFAR students (SPEC.md section 4).
   c.teacher.num_epochs = 240
+  c.teacher.learning_rate = 0.05
 
   c.student = ml_collections.ConfigDict()
   c.student.arch = "resnet8x4"
@@ -76,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 5e-4
   c.optim.decay_epochs = (150, 180, 210)
   c.optim.decay_rate = 0.1
+
+  # Further methods distilled from the same teacher after ``method``, each in
+  # its own stage; a comparison table closes the run (the quickstart's demo).
+  c.compare_with = ()
 
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 10
@@ -121,6 +128,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if weights is not None:
       _check(len(weights) == k, "slkd.fusion_weights", weights,
              f"None (uniform 1/K) or {k} weights, one per SL-T")
+  for name in config.compare_with:
+    _check(name in methods.METHODS, "compare_with", config.compare_with,
+           f"a tuple of methods from {', '.join(methods.METHODS)}")
+  _check(config.teacher.num_epochs >= 1 and config.teacher.learning_rate > 0,
+         "teacher", (config.teacher.num_epochs, config.teacher.learning_rate),
+         "teacher.num_epochs >= 1 and teacher.learning_rate > 0")
   _check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
          config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
   _check(config.loss.temperature > 0, "loss.temperature",

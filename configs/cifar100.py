@@ -1,0 +1,305 @@
+r"""CIFAR-100 presets: the paper's teacher → student pairs, every method.
+
+Usage (the text after ``:`` is ``PAIR`` or ``PAIR,METHOD``)::
+
+  python -m slkd_jax.main --config=configs/cifar100.py --workdir=/tmp/r32x4_r8x4
+  python -m slkd_jax.main --config=configs/cifar100.py:vgg13-MobileNetV2,dkd \
+      --workdir=/tmp/vgg13_mv2_dkd
+  python -m slkd_jax.main \
+      --config=configs/cifar100.py:resnet32x4-resnet8x4,slkd_slt_only \
+      --workdir=/tmp/r32x4_r8x4_sltonly --config.seed=1
+
+No argument means ``resnet32x4-resnet8x4,slkd`` (K = 2 SL-Ts). Any key can
+still be overridden on the command line (``--config.slkd.num_slts=3``,
+``--config.dtype=bfloat16``, ...).
+
+Methods: ``ce`` (CE only: the student from scratch), ``kd``, ``dkd``,
+``slkd`` (default), ``slkd_t_only``, ``slkd_slt_only`` (paper Table 7
+ablations) and ``slkd_seq`` (the paper's SLKD*).
+
+Recipe (the reference code, mdistiller's CIFAR-100 setting): SGD with
+momentum 0.9 and weight decay 5e-4, batch 64, 240 epochs, lr 0.05 — 0.01
+when the student is MobileNetV2, ShuffleV1 or ShuffleV2 (the SL-Ts then use
+0.01 too) — ×0.1 after epochs 150, 180 and 210.
+``kd`` and the SLKD family: T = 4, CE 0.1, KD 0.9 (SLKD's fused-SL-T term
+weights 1). ``dkd``: CE 1.0, α 1, β per pair (below), T 4, warm-up 20
+epochs. ``ce``: CE weight 1.
+
+Teachers
+--------
+``teacher.checkpoint`` is None by default: the run first trains the teacher
+with CE (stage "teacher": 240 epochs, lr 0.05, the same schedule — how
+RepDistiller trained the reference teachers), then distils. To distil from the
+reference teachers instead, download mdistiller's ``cifar_teachers.tar``
+(its GitHub release), unpack it and either pass the PyTorch file directly
+(converted on the fly)::
+
+  --config.teacher.checkpoint=/path/to/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth
+
+or convert it once and point at the result::
+
+  python -m slkd_jax.convert_torch --arch resnet32x4 \
+      --checkpoint /path/to/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth \
+      --out teachers/resnet32x4
+  ... --config.teacher.checkpoint=teachers/resnet32x4
+
+The release holds resnet56, resnet110, resnet32x4, ResNet50, wrn_40_2 and
+vgg13, i.e. every teacher below; their own top-1 is the "teacher" column.
+
+Presets and the paper's CIFAR-100 top-1 (best epoch, %)
+-------------------------------------------------------
+``--`` = not reported by the SLKD paper (the pairs it does not study; they
+are mdistiller's standard pairs, here for comparison with DKD's results).
+The teacher column of those rows is the released reference teacher's own
+top-1.
+
+======================  =====  =======  =====  =====  =====  =====  =====
+preset                  β DKD  teacher  stud.  KD     DKD    SLKD   SLKD*
+======================  =====  =======  =====  =====  =====  =====  =====
+resnet32x4-resnet8x4    8      79.42    72.50  73.33  76.32  76.85  75.61
+resnet56-resnet8        8      72.34    59.98  60.17  61.62  62.05  61.99
+wrn_40_2-wrn_40_1       6      75.61    71.98  73.54  74.81  74.91  74.60
+wrn_40_2-wrn_16_2       6      75.61    73.26  74.92  76.24  76.31  75.78
+vgg13-vgg11             6      74.64    71.32  74.54  74.92  75.46  74.96
+vgg13-vgg8              6      74.64    70.36  72.98  74.68  75.01  74.41
+resnet32x4-ShuffleV2    8      79.42    71.82  74.45  77.07  77.26  76.12
+resnet32x4-ShuffleV1    8      79.42    70.50  74.07  76.45  76.17  75.34
+ResNet50-MobileNetV2    8      79.34    64.60  67.35  70.35  70.43  68.29
+vgg13-MobileNetV2       6      74.64    64.60  67.37  69.71  69.94  69.36
+wrn_40_2-ShuffleV1      8      75.61    70.50  74.83  76.70  76.72  76.29
+resnet56-resnet20       2      72.34    --     --     --     --     --
+resnet110-resnet32      2      74.31    --     --     --     --     --
+resnet110-resnet20      8      74.31    --     --     --     --     --
+======================  =====  =======  =====  =====  =====  =====  =====
+
+Paper Table 7 (ablation, SLKD): resnet32x4-resnet8x4 teacher-only 73.33,
+SL-T-only 75.71, both 76.13; vgg13-MobileNetV2 67.37 / 68.76 / 69.25
+(``slkd_t_only`` / ``slkd_slt_only`` / ``slkd``).
+
+DKD's β follows the per-pair values of mdistiller's DKD configs: 2 for
+resnet56→resnet20 and resnet110→resnet32; 6 for the WRN→WRN and VGG→VGG pairs
+and vgg13→MobileNetV2; 8 (DKD's default) otherwise — also for
+wrn_40_2→ShuffleV1, whose mdistiller config keeps the default.
+
+Expected wall time (estimates, not measurements)
+------------------------------------------------
+Every preset runs 240 epochs of 782 steps (batch 64), about 188k steps. At
+batch 64 the small CIFAR networks leave a modern GPU mostly idle, so steps
+are latency-bound: plan on the order of an hour or more on one modern GPU for
+``kd``/``dkd``/``ce`` of a small pair, and more for the bigger teachers.
+``slkd`` (and its variants) also *trains* K = 2 SL-Ts of the teacher's
+architecture every step, so a step costs roughly a student training step,
+a teacher forward pass and K teacher training steps — several times a KD
+step when the teacher is much bigger than the student (resnet32x4, vgg13,
+ResNet50 teachers). The ResNet50 teacher (23.7 M parameters, full 32×32
+resolution in its first stage) is by far the heaviest preset. Add a teacher
+training run when ``teacher.checkpoint`` is None. The per-preset note in
+:data:`PRESETS` says which tier a pair falls in; measure your own hardware
+with a short run (``--config.num_epochs=1``) before planning.
+"""
+
+# No ``from __future__ import annotations``: loaded by path without an entry
+# in sys.modules (importlib.util.spec_from_file_location), dataclasses could
+# not resolve string annotations.
+import dataclasses
+
+from slkd_jax import config as config_lib
+from slkd_jax import methods
+
+# What each entry of Preset.paper is, in order: the method whose run it is
+# the paper's result for ("ce" = the student trained alone).
+PAPER_COLUMNS = ("ce", "kd", "dkd", "slkd", "slkd_seq")
+
+# Paper Table 7 (ablation): the two pairs it studies. ``slkd_t_only`` is KD;
+# its "both" column (76.13 / 69.25) is a separate run of ``slkd``.
+ABLATION = {
+    "resnet32x4-resnet8x4": {"slkd_t_only": 73.33, "slkd_slt_only": 75.71},
+    "vgg13-MobileNetV2": {"slkd_t_only": 67.37, "slkd_slt_only": 68.76},
+}
+
+# Students the reference trains with lr 0.01 instead of 0.05 (mdistiller /
+# RepDistiller's setting for the mobile networks).
+LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+DEFAULT_PRESET = "resnet32x4-resnet8x4"
+DEFAULT_METHOD = "slkd"
+
+# Wall-time tiers (see the module docstring; estimates only).
+_LIGHT = ("light: small teacher; KD on the order of an hour or more on one "
+          "modern GPU, SLKD a few times that (estimate)")
+_MEDIUM = ("medium: the teacher is several times the student; SLKD's two "
+           "teacher-sized SL-Ts dominate (several times a KD run; estimate)")
+_HEAVY = ("heavy: ResNet50 teacher (23.7 M params); SLKD trains two of them, "
+          "many hours on one GPU (estimate)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """One teacher → student pair.
+
+  Attributes:
+    teacher: teacher (and SL-T) architecture, a ``slkd_jax.models`` name.
+    student: student architecture.
+    dkd_beta: DKD's β for this pair (mdistiller's per-pair configs).
+    teacher_top1: the released reference teacher's CIFAR-100 top-1.
+    paper: the SLKD paper's top-1 of the runs named by
+      :data:`PAPER_COLUMNS` (student alone, KD, DKD, SLKD, SLKD*), or None
+      where the paper does not report the pair.
+    wall_time: a coarse, honest cost estimate (see the module docstring).
+  """
+  teacher: str
+  student: str
+  dkd_beta: float
+  teacher_top1: float
+  paper: tuple[float, float, float, float, float] | None
+  wall_time: str
+
+  @property
+  def learning_rate(self) -> float:
+    return 0.01 if self.student in LOW_LR_STUDENTS else 0.05
+
+
+def _dkd_beta(teacher: str, student: str) -> float:
+  """DKD's β as mdistiller's per-pair CIFAR configs set it."""
+  if (teacher, student) in (("resnet56", "resnet20"),
+                            ("resnet110", "resnet32")):
+    return 2.0
+  same_family = any(teacher.startswith(f) and student.startswith(f)
+                    for f in ("wrn_", "vgg"))
+  if same_family or (teacher, student) == ("vgg13", "MobileNetV2"):
+    return 6.0
+  return 8.0  # DKD's default
+
+
+def _preset(teacher, student, teacher_top1, paper, wall_time) -> Preset:
+  return Preset(teacher, student, _dkd_beta(teacher, student), teacher_top1,
+                paper, wall_time)
+
+
+# Paper numbers: SLKD paper (arXiv 2304.11923), CIFAR-100 top-1, best epoch.
+PRESETS: dict[str, Preset] = {f"{p.teacher}-{p.student}": p for p in [
+    _preset("resnet32x4", "resnet8x4", 79.42,
+            (72.50, 73.33, 76.32, 76.85, 75.61), _MEDIUM),
+    _preset("resnet56", "resnet8", 72.34,
+            (59.98, 60.17, 61.62, 62.05, 61.99), _LIGHT),
+    _preset("wrn_40_2", "wrn_40_1", 75.61,
+            (71.98, 73.54, 74.81, 74.91, 74.60), _LIGHT),
+    _preset("wrn_40_2", "wrn_16_2", 75.61,
+            (73.26, 74.92, 76.24, 76.31, 75.78), _LIGHT),
+    _preset("vgg13", "vgg11", 74.64,
+            (71.32, 74.54, 74.92, 75.46, 74.96), _MEDIUM),
+    _preset("vgg13", "vgg8", 74.64,
+            (70.36, 72.98, 74.68, 75.01, 74.41), _MEDIUM),
+    _preset("resnet32x4", "ShuffleV2", 79.42,
+            (71.82, 74.45, 77.07, 77.26, 76.12), _MEDIUM),
+    _preset("resnet32x4", "ShuffleV1", 79.42,
+            (70.50, 74.07, 76.45, 76.17, 75.34), _MEDIUM),
+    _preset("ResNet50", "MobileNetV2", 79.34,
+            (64.60, 67.35, 70.35, 70.43, 68.29), _HEAVY),
+    _preset("vgg13", "MobileNetV2", 74.64,
+            (64.60, 67.37, 69.71, 69.94, 69.36), _MEDIUM),
+    _preset("wrn_40_2", "ShuffleV1", 75.61,
+            (70.50, 74.83, 76.70, 76.72, 76.29), _LIGHT),
+    # mdistiller's other standard pairs (not in the SLKD paper).
+    _preset("resnet56", "resnet20", 72.34, None, _LIGHT),
+    _preset("resnet110", "resnet32", 74.31, None, _LIGHT),
+    _preset("resnet110", "resnet20", 74.31, None, _LIGHT),
+]}
+
+METHODS = tuple(methods.METHODS)
+
+
+def results_table() -> list[str]:
+  """The rows of the module docstring's table, from :data:`PRESETS` (a test
+  keeps the two in sync)."""
+  rows = []
+  for name, p in PRESETS.items():
+    nums = p.paper if p.paper is not None else ("--",) * 5
+    cells = [name.ljust(22), f"{p.dkd_beta:g}".ljust(5),
+             f"{p.teacher_top1:.2f}".ljust(7)]
+    cells += [(n if isinstance(n, str) else f"{n:.2f}").ljust(5) for n in nums]
+    rows.append("  ".join(cells).rstrip())
+  return rows
+
+
+def paper_top1(preset: str, method: str) -> float | None:
+  """The paper's CIFAR-100 top-1 for ``method`` on ``preset``; None where it
+  reports none (a run's log can print it next to the measured top-1)."""
+  p = PRESETS[preset]
+  if method in ABLATION.get(preset, {}):
+    return ABLATION[preset][method]
+  if p.paper is None:
+    return None
+  if method == "slkd_t_only":
+    method = "kd"  # the ablation's teacher-only student is plain KD
+  if method not in PAPER_COLUMNS:
+    return None
+  return p.paper[PAPER_COLUMNS.index(method)]
+
+
+def parse_arg(arg: str | None) -> tuple[str, str]:
+  """``'PAIR'`` / ``'PAIR,METHOD'`` / None → (preset name, method)."""
+  arg = (arg or "").strip()
+  preset, _, method = arg.partition(",")
+  preset = preset.strip() or DEFAULT_PRESET
+  method = method.strip() or DEFAULT_METHOD
+  if preset not in PRESETS:
+    raise ValueError(f"unknown CIFAR-100 preset {preset!r}; available "
+                     f"presets: {', '.join(PRESETS)} (optionally followed by "
+                     f"',METHOD' with METHOD one of {', '.join(METHODS)})")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r} in {arg!r}; available "
+                     f"methods: {', '.join(METHODS)}")
+  return preset, method
+
+
+def get_config(arg: str | None = None):
+  """The run config of preset ``arg`` (``PAIR`` or ``PAIR,METHOD``)."""
+  name, method = parse_arg(arg)
+  preset = PRESETS[name]
+  c = config_lib.base_config()
+  c.method = method
+
+  c.data.name = "cifar100"
+  c.data.num_classes = 100
+  c.data.image_size = 32
+
+  c.teacher.arch = preset.teacher
+  c.student.arch = preset.student
+  # teacher.checkpoint stays None: stage "teacher" trains it first (see the
+  # docstring for the reference teachers), with RepDistiller's CE recipe.
+  c.teacher.num_epochs = 240
+  c.teacher.learning_rate = 0.05
+
+  c.batch_size = 64
+  # Eval only runs forward passes; a power of two divides any device count
+  # (the padded last batch of the 10k test images is masked).
+  c.eval_batch_size = 1024
+  c.num_epochs = 240
+
+  c.optim.learning_rate = preset.learning_rate
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.decay_epochs = (150, 180, 210)
+  c.optim.decay_rate = 0.1
+
+  c.slkd.num_slts = 2
+  c.loss.temperature = 4.0
+  if method == "ce":
+    c.loss.ce_weight = 1.0
+  elif method == "dkd":
+    # mdistiller's DKD: CE weight 1, α 1, β per pair, T 4, 20 warm-up epochs.
+    c.loss.ce_weight = 1.0
+    c.loss.dkd_alpha = 1.0
+    c.loss.dkd_beta = preset.dkd_beta
+    c.loss.dkd_warmup = 20.0
+  else:  # kd and the SLKD family
+    c.loss.ce_weight = 0.1
+    c.loss.kd_weight = 0.9
+    c.loss.fused_weight = 1.0
+    c.loss.fused_ce_weight = 1.0
+    c.loss.fused_kd_weight = 1.0
+
+  c.log_every_steps = 100
+  c.checkpoint_every_epochs = 10
+  return c
