@@ -15,3 +15,15 @@ import jax  # noqa: E402
 
 # Compile time dominates the suite on 2 CPU cores; numerics are unaffected.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# Many tests build the same small programs (in this process and in the
+# subprocesses they start): a persistent compilation cache shared by all of
+# them turns repeat compiles into disk reads.
+_CACHE = os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,274 @@
+"""The training driver: stages, exact resume, SIGTERM, NaN guard, CLI,
+checkpoint fallback and multi-process runs."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from slkd_jax import checkpoint, metrics, parallel, train
+from slkd_jax import config as config_lib
+from slkd_jax import data as data_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """Synthetic 8×8 data, 5 classes, 3 steps per epoch, resnet8 everywhere."""
+  c = config_lib.base_config()
+  c.data.name = "synthetic"
+  c.data.image_size = 8
+  c.data.num_classes = 5
+  c.data.num_train = 40  # 3 steps of 16, the last one padded (masked)
+  c.data.num_test = 20
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.teacher.arch = "resnet8"
+  c.teacher.num_epochs = 1
+  c.student.arch = "resnet8"
+  c.num_epochs = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_epochs = 1
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
+def restore_final(stage_dir):
+  """The latest checkpoint's state of a stage as numpy (no target needed)."""
+  steps = sorted(int(os.path.basename(p)) for p in
+                 glob.glob(os.path.join(stage_dir, "checkpoints", "[0-9]*")))
+  path = os.path.join(stage_dir, "checkpoints", str(steps[-1]), "state")
+  # Saved on another device count: restore into this process's devices.
+  replicated = parallel.replicated(parallel.make_mesh())
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+        meta)
+    return jax.device_get(ckptr.restore(path, target))
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Teacher stage (1 epoch) + SLKD stage (2 epochs), in one go."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  results = train.run(tiny_config(), workdir)
+  return workdir, results
+
+
+def test_run_writes_stages_checkpoints_metrics_and_plots(uninterrupted):
+  workdir, results = uninterrupted
+  assert list(results) == ["teacher", "slkd"]
+  for stage in ("teacher", "slkd"):
+    stage_dir = os.path.join(workdir, stage)
+    assert glob.glob(os.path.join(stage_dir, "checkpoints", "[0-9]*"))
+    assert glob.glob(os.path.join(stage_dir, "tensorboard", "events.out.*"))
+    assert os.path.exists(os.path.join(stage_dir, "summary.md"))
+  records = metrics.read_jsonl(os.path.join(workdir, "slkd", "metrics.jsonl"))
+  train_records = [r for r in records if "train/loss" in r]
+  eval_records = [r for r in records if "eval/student/top1" in r]
+  assert [r["step"] for r in train_records] == list(range(1, 7))
+  assert len(eval_records) == 2
+  last = eval_records[-1]
+  for key in ("student", "teacher", "slt_0", "slt_1", "slt_fused"):
+    assert 0 <= last[f"eval/{key}/top1"] <= last[f"eval/{key}/top5"] <= 100
+  assert last["eval/eval_examples"] == 20  # every test example, once
+  plots = sorted(os.listdir(os.path.join(workdir, "slkd", "plots")))
+  assert plots == ["accuracy.png", "trajectory.png"]
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  assert "| teacher" in summary and "| slkd" in summary
+  # The teacher the SLKD stage used is the teacher stage's result.
+  assert_trees_equal(results["slkd"].state.teacher.params,
+                     results["teacher"].state.student.params)
+
+
+def test_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  resumed = str(tmp_path)
+  train.run(tiny_config(num_epochs=1), resumed)  # stop after epoch 1...
+  results = train.run(tiny_config(), resumed)    # ...and resume to epoch 2
+  assert_trees_equal(restore_final(os.path.join(resumed, "slkd")),
+                     restore_final(os.path.join(workdir, "slkd")))
+  assert [h["epoch"] for h in results["slkd"].history] == [1, 2]
+
+
+def _wrap_datasets(monkeypatch, on_batch):
+  """Make every training epoch call ``on_batch(epoch, step, batch)``."""
+  create = data_lib.create_datasets
+
+  def wrapped(*args, **kwargs):
+    train_data, eval_data = create(*args, **kwargs)
+    epoch_fn = train_data.epoch
+
+    def epoch(e, start_step=0):
+      for i, batch in enumerate(epoch_fn(e, start_step), start_step):
+        yield on_batch(e, i, batch)
+
+    train_data.epoch = epoch
+    return train_data, eval_data
+
+  monkeypatch.setattr(train.data_lib, "create_datasets", wrapped)
+
+
+def test_sigterm_mid_epoch_saves_and_resume_matches(uninterrupted, tmp_path,
+                                                    monkeypatch):
+  workdir, _ = uninterrupted
+  calls = []
+
+  def sigterm_in_second_epoch(epoch, step, batch):
+    calls.append((epoch, step))
+    if len(calls) == 3 + 3 + 1:  # teacher epoch, SLKD epoch 1, 1 step more
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  _wrap_datasets(monkeypatch, sigterm_in_second_epoch)
+  with pytest.raises(train.Preempted, match="rerun the same command"):
+    train.run(tiny_config(), str(tmp_path))
+  saved = checkpoint.Checkpointer(str(tmp_path / "slkd" / "checkpoints"))
+  assert saved.all_steps()[-1] == 4  # 3 steps of epoch 1 + 1 of epoch 2
+  saved.close()
+  monkeypatch.undo()
+  results = train.run(tiny_config(), str(tmp_path))
+  assert_trees_equal(restore_final(str(tmp_path / "slkd")),
+                     restore_final(os.path.join(workdir, "slkd")))
+  assert len(results["slkd"].history) == 2
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
+  def poison(epoch, step, batch):
+    if epoch == 1 and step == 1:
+      batch = dict(batch, image=batch["image"] * np.nan)
+    return batch
+
+  _wrap_datasets(monkeypatch, poison)
+  config = tiny_config(method="kd", **{"teacher.num_epochs": 1})
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite .*loss.* at step 5\. The last good "
+                           r"checkpoint is step 3"):
+    train.run(config, str(tmp_path))
+  saved = checkpoint.Checkpointer(str(tmp_path / "kd" / "checkpoints"))
+  assert saved.all_steps() == [3]  # nothing written after the NaN
+  saved.close()
+
+
+def _target(mesh, seed=0):
+  return {"w": jax.device_put(np.arange(16.0, dtype=np.float32) + seed,
+                              parallel.replicated(mesh))}
+
+
+def test_checkpoint_restores_onto_another_device_count(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, _target(parallel.make_mesh()), {"epoch": 1})
+  ckpt.wait()
+  one_device = parallel.make_mesh(jax.devices()[:1])
+  state, meta = ckpt.restore_latest(
+      checkpoint.abstract_like(_target(one_device), one_device))
+  ckpt.close()
+  assert meta == {"epoch": 1}
+  assert state["w"].sharding.mesh.size == 1
+  np.testing.assert_array_equal(state["w"], np.arange(16.0))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  mesh = parallel.make_mesh()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, _target(mesh, step), {"epoch": step})
+  ckpt.wait()
+  for path in glob.glob(str(tmp_path / "2" / "state" / "**" / "*"),
+                        recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  target = checkpoint.abstract_like(_target(mesh), mesh)
+  state, meta = ckpt.restore_latest(target)
+  assert meta == {"epoch": 1}
+  np.testing.assert_array_equal(state["w"], np.arange(16.0) + 1)
+  # Nothing readable left: a clear error that says what to do.
+  for path in glob.glob(str(tmp_path / "1" / "state" / "**" / "*"),
+                        recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="Move the directory"):
+    ckpt.restore_latest(target)
+  ckpt.close()
+
+
+def _cli_env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  env["PYTHON"] = sys.executable
+  return env
+
+
+def _cli_flags(workdir, *extra):
+  return [
+      "--config=configs/cifar100.py", f"--workdir={workdir}",
+      "--config.data.name=synthetic", "--config.data.image_size=8",
+      "--config.data.num_classes=5", "--config.data.num_train=40",
+      "--config.data.num_test=20", "--config.batch_size=16",
+      "--config.eval_batch_size=16", "--config.teacher.arch=resnet8",
+      "--config.teacher.num_epochs=1", "--config.student.arch=resnet8",
+      "--config.num_epochs=1", "--config.log_every_steps=1", *extra]
+
+
+def test_cli_rejects_bad_config_values(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "slkd_jax.main",
+       *_cli_flags(tmp_path, "--config.slkd.num_slts=0")],
+      cwd=REPO, env=_cli_env(1), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert "config.slkd.num_slts=0 is invalid: an int >= 1" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "slkd")
+
+
+def _final_eval(workdir):
+  records = metrics.read_jsonl(os.path.join(workdir, "slkd", "metrics.jsonl"))
+  return [r for r in records if "eval/student/ce" in r][-1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 processes × 2 CPU devices (jax.distributed on localhost) give the
+  same run as 1 process × 4 devices."""
+  single = subprocess.run(
+      [sys.executable, "-m", "slkd_jax.main", *_cli_flags(tmp_path / "one")],
+      cwd=REPO, env=_cli_env(4), capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  env = _cli_env(2)
+  env["SLKD_LOCAL_DEVICES"] = "2"
+  multi = subprocess.run(
+      ["bash", "launch/local.sh", "2", *_cli_flags(tmp_path / "two")],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  assert "processes: 2" in multi.stderr
+  one, two = _final_eval(tmp_path / "one"), _final_eval(tmp_path / "two")
+  for key, value in one.items():
+    if isinstance(value, float):
+      assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+  # Same parameters up to the float reassociation of a different
+  # all-reduce topology.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               restore_final(str(tmp_path / "one" / "slkd")),
+               restore_final(str(tmp_path / "two" / "slkd")))
+  assert json.load(open(tmp_path / "two" / "config.json"))["method"] == "slkd"
