@@ -104,7 +104,6 @@ with a short run (``--config.num_epochs=1``) before planning.
 import dataclasses
 
 from slkd_jax import config as config_lib
-from slkd_jax import methods
 
 # What each entry of Preset.paper is, in order: the method whose run it is
 # the paper's result for ("ce" = the student trained alone).
@@ -206,7 +205,6 @@ PRESETS: dict[str, Preset] = {f"{p.teacher}-{p.student}": p for p in [
     _preset("resnet110", "resnet20", 74.31, None, _LIGHT),
 ]}
 
-METHODS = tuple(methods.METHODS)
 
 
 def results_table() -> list[str]:
@@ -239,18 +237,8 @@ def paper_top1(preset: str, method: str) -> float | None:
 
 def parse_arg(arg: str | None) -> tuple[str, str]:
   """``'PAIR'`` / ``'PAIR,METHOD'`` / None → (preset name, method)."""
-  arg = (arg or "").strip()
-  preset, _, method = arg.partition(",")
-  preset = preset.strip() or DEFAULT_PRESET
-  method = method.strip() or DEFAULT_METHOD
-  if preset not in PRESETS:
-    raise ValueError(f"unknown CIFAR-100 preset {preset!r}; available "
-                     f"presets: {', '.join(PRESETS)} (optionally followed by "
-                     f"',METHOD' with METHOD one of {', '.join(METHODS)})")
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r} in {arg!r}; available "
-                     f"methods: {', '.join(METHODS)}")
-  return preset, method
+  return config_lib.parse_preset(arg, PRESETS, DEFAULT_PRESET, DEFAULT_METHOD,
+                                 "CIFAR-100")
 
 
 def get_config(arg: str | None = None):

@@ -62,7 +62,6 @@ all devices; the global batch stays 512) and measure a short run
 import dataclasses
 
 from slkd_jax import config as config_lib
-from slkd_jax import methods
 
 DEFAULT_PRESET = "resnet34-resnet18"
 DEFAULT_METHOD = "slkd"
@@ -83,23 +82,12 @@ PRESETS: dict[str, Preset] = {
                                    2.0),
 }
 
-METHODS = tuple(methods.METHODS)
 
 
 def parse_arg(arg: str | None) -> tuple[str, str]:
   """``'PAIR'`` / ``'PAIR,METHOD'`` / None → (preset name, method)."""
-  arg = (arg or "").strip()
-  preset, _, method = arg.partition(",")
-  preset = preset.strip() or DEFAULT_PRESET
-  method = method.strip() or DEFAULT_METHOD
-  if preset not in PRESETS:
-    raise ValueError(f"unknown ImageNet preset {preset!r}; available presets: "
-                     f"{', '.join(PRESETS)} (optionally followed by ',METHOD' "
-                     f"with METHOD one of {', '.join(METHODS)})")
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r} in {arg!r}; available "
-                     f"methods: {', '.join(METHODS)}")
-  return preset, method
+  return config_lib.parse_preset(arg, PRESETS, DEFAULT_PRESET, DEFAULT_METHOD,
+                                 "ImageNet")
 
 
 def get_config(arg: str | None = None):

@@ -90,6 +90,28 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_preset(arg: str | None, presets, default_preset: str,
+                 default_method: str, dataset: str) -> tuple[str, str]:
+  """A config file's ``PAIR`` / ``PAIR,METHOD`` argument → (preset, method).
+
+  ``--config=configs/cifar100.py:vgg13-vgg8,dkd`` passes ``'vgg13-vgg8,dkd'``;
+  either part may be left out for the file's default.
+  """
+  arg = (arg or "").strip()
+  preset, _, method = arg.partition(",")
+  preset = preset.strip() or default_preset
+  method = method.strip() or default_method
+  if preset not in presets:
+    raise ValueError(f"unknown {dataset} preset {preset!r}; available "
+                     f"presets: {', '.join(presets)} (optionally followed by "
+                     f"',METHOD' with METHOD one of "
+                     f"{', '.join(methods.METHODS)})")
+  if method not in methods.METHODS:
+    raise ValueError(f"unknown method {method!r} in {arg!r}; available "
+                     f"methods: {', '.join(methods.METHODS)}")
+  return preset, method
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
 

@@ -213,6 +213,23 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
+def classifier_head(x: jax.Array, features: list[jax.Array], num_classes: int,
+                    init_scheme: str, dtype: Dtype, name: str,
+                    return_features: bool):
+  """Global average pool + the classifier ``Linear`` named ``name``.
+
+  Call inside a compact method (the Linear becomes the caller's submodule).
+  Returns logits, or ``(logits, features + [pooled])`` when
+  ``return_features``: the pooled embedding (float32) closes every model's
+  feature list.
+  """
+  pooled = global_avg_pool(x)
+  logits = Linear(num_classes, init_scheme, dtype, name=name)(pooled)
+  if return_features:
+    return logits, features + [pooled.astype(jnp.float32)]
+  return logits
+
+
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0
              ) -> jax.Array:
   """``nn.MaxPool2d(window, stride, padding)`` (padding never wins the max)."""

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import Conv, Linear, conv_bn, global_avg_pool
+from slkd_jax.models.layers import Conv, classifier_head, conv_bn
 from slkd_jax.models.registry import register
 
 # (output channels, stride) of model.1 .. model.13.
@@ -58,11 +58,8 @@ class MobileNetV1(nn.Module):
         features.append(x)
     # The reference ends with AvgPool2d(7), the whole 7×7 map at 224 pixels;
     # a global mean is the same there and also serves smaller inputs.
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch", d, name="fc")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch",
+                           d, "fc", return_features)
 
 
 @register("imagenet_mobilenetv1", image_size=224, num_classes=1000)

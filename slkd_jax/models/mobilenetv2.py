@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import Conv, Linear, conv_bn, global_avg_pool
+from slkd_jax.models.layers import Conv, classifier_head, conv_bn
 from slkd_jax.models.registry import register
 
 # (expansion t, output channels c, blocks n, first stride s), already scaled by
@@ -83,11 +83,8 @@ class MobileNetV2(nn.Module):
     features.append(x)
     # The reference's AvgPool2d(H, ceil_mode=True) covers the whole final map;
     # a global mean is the same and also works for other input sizes.
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "normal", d, name="classifier_0")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "normal",
+                           d, "classifier_0", return_features)
 
 
 @register("MobileNetV2")

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import BatchNorm, Conv, Linear, global_avg_pool
+from slkd_jax.models.layers import BatchNorm, Conv, classifier_head
 from slkd_jax.models.registry import register
 
 
@@ -69,11 +69,8 @@ class CifarResNet(nn.Module):
         x = BasicBlock(planes, strides, self.dtype,
                        name=f"layer{stage + 1}_{i}")(x, train, mask)
       features.append(x)
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch", self.dtype, name="fc")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch",
+                           self.dtype, "fc", return_features)
 
 
 def _register(name: str, depth: int, widths: Sequence[int]) -> None:

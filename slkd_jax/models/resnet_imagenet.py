@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (BatchNorm, Conv, Linear, global_avg_pool,
-                                    max_pool)
+from slkd_jax.models.layers import BatchNorm, Conv, classifier_head, max_pool
 from slkd_jax.models.registry import register
 # torchvision's BasicBlock has exactly the CIFAR ResNet's structure and names.
 from slkd_jax.models.resnet_cifar import BasicBlock
@@ -110,12 +109,8 @@ class ResNet(nn.Module):
           block = BasicBlock(planes, strides, self.dtype, name=name)
         x = block(x, train, mask)
       features.append(x)
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch", self.dtype,
-                    name="linear" if self.cifar else "fc")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch",
+                           self.dtype, "linear" if self.cifar else "fc", return_features)
 
 
 def _register_imagenet(name: str, stage_sizes: Sequence[int],

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (Conv, Linear, avg_pool, channel_shuffle,
-                                    conv_bn, global_avg_pool)
+from slkd_jax.models.layers import (Conv, avg_pool, channel_shuffle,
+                                    classifier_head, conv_bn)
 from slkd_jax.models.registry import register
 
 _OUT_PLANES = (240, 480, 960)
@@ -84,11 +84,8 @@ class ShuffleNetV1(nn.Module):
                        name=f"layer{stage + 1}_{i}")(x, train, mask)
       features.append(x)
     # The reference's avg_pool2d(out, 4) covers the whole 4×4 map.
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch", d, name="linear")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch",
+                           d, "linear", return_features)
 
 
 @register("ShuffleV1")

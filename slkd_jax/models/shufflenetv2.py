@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (Conv, Linear, channel_shuffle, conv_bn,
-                                    global_avg_pool)
+from slkd_jax.models.layers import (Conv, channel_shuffle, classifier_head,
+                                    conv_bn)
 from slkd_jax.models.registry import register
 
 _OUT_CHANNELS = (116, 232, 464)
@@ -103,11 +103,8 @@ class ShuffleNetV2(nn.Module):
                 "bn2", x, train, mask)
     features.append(x)
     # The reference's avg_pool2d(out, 4) covers the whole 4×4 map.
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch", d, name="linear")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch",
+                           d, "linear", return_features)
 
 
 @register("ShuffleV2")

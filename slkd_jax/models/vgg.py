@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (BatchNorm, Conv, Linear, global_avg_pool,
-                                    max_pool)
+from slkd_jax.models.layers import BatchNorm, Conv, classifier_head, max_pool
 from slkd_jax.models.registry import register
 
 #: Convolution widths per block (RepDistiller's cfg 'S', 'A', 'B', 'D', 'E').
@@ -63,12 +62,8 @@ class VGG(nn.Module):
       features.append(x)
       if i < 3 or (i == 3 and height == 64):  # pool0..pool2 (and pool3)
         x = max_pool(x, 2, 2)
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "normal", self.dtype,
-                    name="classifier")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "normal",
+                           self.dtype, "classifier", return_features)
 
 
 def _register(name: str) -> None:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import BatchNorm, Conv, Linear, global_avg_pool
+from slkd_jax.models.layers import BatchNorm, Conv, classifier_head
 from slkd_jax.models.registry import register
 
 
@@ -102,12 +102,8 @@ class WideResNet(nn.Module):
     features[-1] = x
     # The reference's avg_pool2d(out, 8) is global on the 8×8 map of a 32×32
     # input.
-    pooled = global_avg_pool(x)
-    logits = Linear(self.num_classes, "torch_zero_bias", self.dtype,
-                    name="fc")(pooled)
-    if return_features:
-      return logits, features + [pooled.astype(jnp.float32)]
-    return logits
+    return classifier_head(x, features, self.num_classes, "torch_zero_bias",
+                           self.dtype, "fc", return_features)
 
 
 def _register(depth: int, widen: int) -> None:
