@@ -18,6 +18,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and plots go; a run resumes "
     "from it automatically.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process "
+    "run; default: $SLKD_COORDINATOR, or SLURM auto-detection.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run "
+    "(default: $SLKD_NUM_PROCESSES or SLURM's).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (default: $SLKD_PROCESS_ID or "
+    "SLURM's).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +45,8 @@ def main(argv):
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   # Before anything touches a device.
   from slkd_jax import parallel
-  parallel.maybe_initialize_distributed()
+  parallel.maybe_initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from slkd_jax import train
   try:
     train.run(_CONFIG.value, _WORKDIR.value)

@@ -272,3 +272,30 @@ def test_two_processes_match_one_process(tmp_path):
                restore_final(str(tmp_path / "one" / "slkd")),
                restore_final(str(tmp_path / "two" / "slkd")))
   assert json.load(open(tmp_path / "two" / "config.json"))["method"] == "slkd"
+
+
+def test_teacher_from_converted_checkpoint_and_previous_workdir(
+    uninterrupted, tmp_path):
+  from slkd_jax import convert_torch
+  workdir, first = uninterrupted
+  # A previous run's workdir: its finished teacher stage.
+  from_workdir = train.run(
+      tiny_config(method="kd", num_epochs=1,
+                  **{"teacher.checkpoint": workdir}), str(tmp_path / "a"))
+  assert "teacher" not in from_workdir  # no teacher stage this time
+  assert_trees_equal(from_workdir["kd"].state.teacher.params,
+                     first["teacher"].state.student.params)
+  # A teacher written by the converter (e.g. from a PyTorch zoo checkpoint).
+  teacher = jax.device_get(first["teacher"].state.student)
+  saved = convert_torch.save_teacher(
+      {"params": teacher.params, "batch_stats": teacher.batch_stats},
+      str(tmp_path / "converted"), "resnet8", 5)
+  from_converted = train.run(
+      tiny_config(method="kd", num_epochs=1,
+                  **{"teacher.checkpoint": saved}), str(tmp_path / "b"))
+  assert_trees_equal(from_converted["kd"].state.teacher.batch_stats,
+                     teacher.batch_stats)
+  with pytest.raises(ValueError, match="holds a 'resnet8'.*'resnet14'"):
+    train.run(tiny_config(method="kd", **{"teacher.checkpoint": saved,
+                                          "teacher.arch": "resnet14"}),
+              str(tmp_path / "c"))
