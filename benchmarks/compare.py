@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="also sweep K (--scaling-ks) on --scaling-pair")
   parser.add_argument("--scaling-ks", default="1,2,4,8")
   parser.add_argument("--scaling-pair", default=common.HEADLINE_PAIR)
+  parser.add_argument("--scaling-ensemble", default=None,
+                      choices=("default", "unrolled", "vmap", "both"),
+                      help="JAX SL-T implementation(s) for the K sweep "
+                           "(default: --ensemble)")
   parser.add_argument("--device-scaling", action="store_true",
                       help=f"also run JAX on 1 vs {FAKE_DEVICES} fake CPU "
                            "devices (plumbing check)")
@@ -234,8 +238,12 @@ def machine_summary(results: list[dict]) -> str:
   versions = {}
   for r in results:
     versions.update({k: v for k, v in r.get("versions", {}).items() if v})
+  loads = [r["host_load_1m"] for r in results if "host_load_1m" in r]
+  load = (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "n/a")
   return "\n".join([
       f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+      f"- host load (1-min average) at the end of each measurement: {load} "
+      "(CPU timings are only comparable at similar load)",
       f"- host: {platform.node()} ({platform.machine()}, "
       f"{os.cpu_count()} CPU cores visible)",
       *(f"- {d}" for d in devices),
@@ -255,7 +263,8 @@ def main(argv=None) -> list[dict]:
     sections.append(("JAX vs PyTorch", comparison(runner, pairs, ensembles)))
   if args.scaling:
     ks = [int(k) for k in common.split_list(args.scaling_ks)]
-    for ensemble in ensembles:
+    choice = args.scaling_ensemble or args.ensemble
+    for ensemble in (["unrolled", "vmap"] if choice == "both" else [choice]):
       sections.append((f"Cost against K ({ensemble})",
                        k_scaling(runner, common.get_pair(args.scaling_pair)
                                  .name, ks, ensemble)))

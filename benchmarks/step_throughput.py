@@ -15,7 +15,9 @@ are untimed; then ``--steps`` steps run back to back and the clock stops when
 Reported, as one JSON line per measurement and a markdown table:
 images/s (global batch × steps / seconds; every image goes through the
 teacher, the K SL-Ts and the student), ms/step, compile seconds (first call
-minus one steady step), and the peak device memory
+minus one steady step; a disk read instead when a persistent compilation
+cache such as ``JAX_COMPILATION_CACHE_DIR`` holds the program — the JSON line
+names the cache directory), and the peak device memory
 (``memory_stats()['peak_bytes_in_use']``, max over the mesh; null on CPU,
 where XLA keeps no such statistics).
 
@@ -196,6 +198,10 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
       "final_loss": round(loss, 4),
       "xla_fast_compile": bool(args.xla_fast_compile),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # With a persistent compilation cache, compile_s may be a disk read.
+      "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+      # Shared hosts: CPU timings are only comparable at similar load.
+      "host_load_1m": round(os.getloadavg()[0], 2),
       "input_pipeline": "excluded: one synthetic batch resident on device",
       "versions": versions(),
   }

@@ -231,6 +231,8 @@ def measure(pair: common.Pair, args) -> dict:
       "first_step_s": round(first_step_s, 2),
       "peak_memory_bytes": peak, "peak_memory_note": peak_note,
       "final_loss": round(final_loss, 4),
+      # Shared hosts: CPU timings are only comparable at similar load.
+      "host_load_1m": round(os.getloadavg()[0], 2),
       "input_pipeline": "excluded: one synthetic batch resident on device",
       "versions": {"torch": torch.__version__,
                    "cuda": torch.version.cuda or "",
