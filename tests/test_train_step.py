@@ -222,3 +222,20 @@ def test_hparams_change_without_recompiling():
                         methods.make_hparams(c, epoch))
   assert len(traces) == 1
   assert float(metrics["learning_rate"]) == pytest.approx(0.001)
+
+
+def test_bfloat16_compute_keeps_float32_state():
+  c = tiny_config()
+  c.dtype = "bfloat16"
+  mesh = parallel.make_mesh()
+  final, metrics = run_steps(c, mesh, [make_batch(16, 16)], num_steps=2)
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(
+      (final.student.params, final.student.batch_stats, final.slts.params,
+       final.slts.opt_state)))
+  assert np.isfinite(metrics["loss"]) and metrics["loss"].dtype == np.float32
+  # Close to the float32 step (bf16 rounding only).
+  reference, _ = run_steps(tiny_config(), mesh, [make_batch(16, 16)],
+                           num_steps=2)
+  np.testing.assert_allclose(
+      jax.tree.leaves(final.student.params)[0],
+      jax.tree.leaves(reference.student.params)[0], atol=0.05)
