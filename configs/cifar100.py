@@ -273,20 +273,9 @@ def get_config(arg: str | None = None):
 
   c.slkd.num_slts = 2
   c.loss.temperature = 4.0
-  if method == "ce":
-    c.loss.ce_weight = 1.0
-  elif method == "dkd":
-    # mdistiller's DKD: CE weight 1, α 1, β per pair, T 4, 20 warm-up epochs.
-    c.loss.ce_weight = 1.0
-    c.loss.dkd_alpha = 1.0
-    c.loss.dkd_beta = preset.dkd_beta
-    c.loss.dkd_warmup = 20.0
-  else:  # kd and the SLKD family
-    c.loss.ce_weight = 0.1
-    c.loss.kd_weight = 0.9
-    c.loss.fused_weight = 1.0
-    c.loss.fused_ce_weight = 1.0
-    c.loss.fused_kd_weight = 1.0
+  # mdistiller's DKD: CE weight 1, α 1, β per pair, T 4, 20 warm-up epochs.
+  config_lib.set_method_weights(c, method, ce_weight=0.1, kd_weight=0.9,
+                                dkd_beta=preset.dkd_beta, dkd_warmup=20.0)
 
   c.log_every_steps = 100
   c.checkpoint_every_epochs = 10

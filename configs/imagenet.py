@@ -123,21 +123,10 @@ def get_config(arg: str | None = None):
 
   c.slkd.num_slts = 2
   c.loss.temperature = 1.0
-  if method == "ce":
-    c.loss.ce_weight = 1.0
-  elif method == "dkd":
-    # mdistiller's ImageNet DKD configs: CE_WEIGHT 1.0 (DKD's default, set
-    # explicitly there too), T 1, WARMUP 1, β per pair; α keeps the default 1.
-    c.loss.ce_weight = 1.0
-    c.loss.dkd_alpha = 1.0
-    c.loss.dkd_beta = preset.dkd_beta
-    c.loss.dkd_warmup = 1.0
-  else:  # kd and the SLKD family
-    c.loss.ce_weight = 0.5
-    c.loss.kd_weight = 0.5
-    c.loss.fused_weight = 1.0
-    c.loss.fused_ce_weight = 1.0
-    c.loss.fused_kd_weight = 1.0
+  # mdistiller's ImageNet DKD configs: CE_WEIGHT 1.0 (DKD's default, set
+  # explicitly there too), T 1, WARMUP 1, β per pair; α keeps the default 1.
+  config_lib.set_method_weights(c, method, ce_weight=0.5, kd_weight=0.5,
+                                dkd_beta=preset.dkd_beta, dkd_warmup=1.0)
 
   c.log_every_steps = 100
   # An ImageNet epoch is long (2,502 steps at batch 512, more for SLKD), so a

@@ -112,6 +112,31 @@ def parse_preset(arg: str | None, presets, default_preset: str,
   return preset, method
 
 
+def set_method_weights(c: ml_collections.ConfigDict, method: str, *,
+                       ce_weight: float, kd_weight: float, dkd_beta: float,
+                       dkd_warmup: float) -> None:
+  """The reference's loss weights of ``method`` (SPEC.md sections 2–3).
+
+  ``ce``: CE weight 1. ``dkd``: mdistiller's DKD (CE 1, α 1, the pair's β,
+  the dataset's warm-up). ``kd`` and the SLKD family: the dataset's
+  ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
+  SLKD's fused-SL-T weights 1.
+  """
+  if method == "ce":
+    c.loss.ce_weight = 1.0
+  elif method == "dkd":
+    c.loss.ce_weight = 1.0
+    c.loss.dkd_alpha = 1.0
+    c.loss.dkd_beta = dkd_beta
+    c.loss.dkd_warmup = dkd_warmup
+  else:
+    c.loss.ce_weight = ce_weight
+    c.loss.kd_weight = kd_weight
+    c.loss.fused_weight = 1.0
+    c.loss.fused_ce_weight = 1.0
+    c.loss.fused_kd_weight = 1.0
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
 
