@@ -4,7 +4,8 @@
 lists the names. See :mod:`slkd_jax.models.registry` for the conventions.
 """
 
-from slkd_jax.models.registry import ModelInfo, available, create, info, register
+from slkd_jax.models.registry import (ModelInfo, available, create, info,
+                                      register)
 from slkd_jax.models.layers import count_params
 
 # Importing a family module registers its networks.

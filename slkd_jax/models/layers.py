@@ -42,7 +42,7 @@ torch_default_kernel: Initializer = nn.initializers.variance_scaling(
 
 
 def torch_default_bias(fan_in: int) -> Initializer:
-  """PyTorch's default bias init for Conv/Linear: uniform in ±1/sqrt(fan_in)."""
+  """PyTorch's default Conv/Linear bias init: uniform in ±1/sqrt(fan_in)."""
   bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
   def init(key, shape, dtype=jnp.float32):
@@ -72,8 +72,8 @@ class Conv(nn.Module):
     groups: ``feature_group_count`` (``groups`` in PyTorch; depthwise when it
       equals the input channels).
     use_bias: add a bias.
-    init_scheme: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or ``'torch'``
-      (PyTorch's default uniform for weight and bias).
+    init_scheme: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or
+      ``'torch'`` (PyTorch's default uniform for weight and bias).
     dtype: compute dtype; parameters are float32.
   """
   features: int
@@ -112,8 +112,15 @@ class Conv(nn.Module):
     return y
 
 
+def TorchConv(*args, **kwargs) -> Conv:  # noqa: N802 - a Conv constructor
+  """A :class:`Conv` with PyTorch's default init (weights and bias), the init
+  of the ShuffleNet and ImageNet MobileNetV1 references."""
+  return Conv(*args, init_scheme="torch", **kwargs)
+
+
 class Linear(nn.Module):
-  """Fully connected layer; ``init_scheme`` as for :class:`Conv`, plus ``'normal'``.
+  """Fully connected layer; ``init_scheme`` as for :class:`Conv`, plus
+  ``'normal'``.
 
   ``'torch'``: PyTorch's default uniform (weight and bias);
   ``'torch_zero_bias'``: PyTorch's default weight, bias 0 (WRN);
@@ -134,8 +141,9 @@ class Linear(nn.Module):
     elif self.init_scheme == "normal":
       kernel_init, bias_init = normal(0.01), nn.initializers.zeros
     else:
-      raise ValueError(f"Linear.init_scheme must be 'torch', 'torch_zero_bias' or "
-                       f"'normal', got {self.init_scheme!r}")
+      raise ValueError(f"Linear.init_scheme must be 'torch', "
+                       f"'torch_zero_bias' or 'normal', got "
+                       f"{self.init_scheme!r}")
     kernel = self.param("kernel", kernel_init, (fan_in, self.features),
                         jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import Conv, classifier_head, conv_bn
+from slkd_jax.models.layers import TorchConv, classifier_head, conv_bn
 from slkd_jax.models.registry import register
 
 # (output channels, stride) of model.1 .. model.13.
@@ -45,15 +45,16 @@ class MobileNetV1(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False,
                return_features: bool = False, mask=None):
     d = self.dtype
-    x = conv_bn(Conv(32, 3, 2, 1, init_scheme="torch", dtype=d, name="model_0_0"),
+    x = conv_bn(TorchConv(32, 3, 2, 1, dtype=d, name="model_0_0"),
                 "model_0_1", x, train, mask)
     features = []
     for i, (out, stride) in enumerate(_SEPARABLE, start=1):
       c = x.shape[-1]
-      x = conv_bn(Conv(c, 3, stride, 1, groups=c, init_scheme="torch", dtype=d,
-                       name=f"model_{i}_0"), f"model_{i}_1", x, train, mask)
-      x = conv_bn(Conv(out, 1, 1, 0, init_scheme="torch", dtype=d,
-                       name=f"model_{i}_3"), f"model_{i}_4", x, train, mask)
+      x = conv_bn(TorchConv(c, 3, stride, 1, groups=c, dtype=d,
+                            name=f"model_{i}_0"), f"model_{i}_1", x, train,
+                  mask)
+      x = conv_bn(TorchConv(out, 1, 1, 0, dtype=d, name=f"model_{i}_3"),
+                  f"model_{i}_4", x, train, mask)
       if i in _FEATURE_LAYERS:
         features.append(x)
     # The reference ends with AvgPool2d(7), the whole 7×7 map at 224 pixels;

@@ -110,7 +110,8 @@ class ResNet(nn.Module):
         x = block(x, train, mask)
       features.append(x)
     return classifier_head(x, features, self.num_classes, "torch",
-                           self.dtype, "linear" if self.cifar else "fc", return_features)
+                           self.dtype, "linear" if self.cifar else "fc",
+                           return_features)
 
 
 def _register_imagenet(name: str, stage_sizes: Sequence[int],

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (Conv, avg_pool, channel_shuffle,
+from slkd_jax.models.layers import (TorchConv, avg_pool, channel_shuffle,
                                     classifier_head, conv_bn)
 from slkd_jax.models.registry import register
 
@@ -45,14 +45,14 @@ class Bottleneck(nn.Module):
     d = self.dtype
     mid = self.features // 4
     g = 1 if x.shape[-1] == _STEM else self.groups
-    out = conv_bn(Conv(mid, 1, 1, 0, groups=g, init_scheme="torch", dtype=d,
-                       name="conv1"), "bn1", x, train, mask)
+    out = conv_bn(TorchConv(mid, 1, 1, 0, groups=g, dtype=d, name="conv1"),
+                  "bn1", x, train, mask)
     out = channel_shuffle(out, g)
-    out = conv_bn(Conv(mid, 3, self.strides, 1, groups=mid, init_scheme="torch",
-                       dtype=d, name="conv2"), "bn2", out, train, mask)
-    out = conv_bn(Conv(self.features, 1, 1, 0, groups=self.groups,
-                       init_scheme="torch", dtype=d, name="conv3"), "bn3", out, train,
-                  mask, relu=False)
+    out = conv_bn(TorchConv(mid, 3, self.strides, 1, groups=mid, dtype=d,
+                            name="conv2"), "bn2", out, train, mask)
+    out = conv_bn(TorchConv(self.features, 1, 1, 0, groups=self.groups,
+                            dtype=d, name="conv3"), "bn3", out, train, mask,
+                  relu=False)
     if self.strides == 2:
       return nn.relu(jnp.concatenate([out, avg_pool(x, 3, 2, 1)], axis=-1))
     return nn.relu(out + x)
@@ -72,7 +72,7 @@ class ShuffleNetV1(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False,
                return_features: bool = False, mask=None):
     d = self.dtype
-    x = conv_bn(Conv(_STEM, 1, 1, 0, init_scheme="torch", dtype=d, name="conv1"),
+    x = conv_bn(TorchConv(_STEM, 1, 1, 0, dtype=d, name="conv1"),
                 "bn1", x, train, mask)
     features = [x]
     for stage, (planes, blocks) in enumerate(zip(_OUT_PLANES, _NUM_BLOCKS)):

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (Conv, channel_shuffle, classifier_head,
-                                    conv_bn)
+from slkd_jax.models.layers import (TorchConv, channel_shuffle,
+                                    classifier_head, conv_bn)
 from slkd_jax.models.registry import register
 
 _OUT_CHANNELS = (116, 232, 464)
@@ -40,15 +40,16 @@ class DownBlock(nn.Module):
   def __call__(self, x, train: bool, mask=None):
     d = self.dtype
     c_in, mid = x.shape[-1], self.features // 2
-    left = conv_bn(Conv(c_in, 3, 2, 1, groups=c_in, init_scheme="torch", dtype=d,
-                        name="conv1"), "bn1", x, train, mask, relu=False)
-    left = conv_bn(Conv(mid, 1, 1, 0, init_scheme="torch", dtype=d, name="conv2"),
+    left = conv_bn(TorchConv(c_in, 3, 2, 1, groups=c_in, dtype=d,
+                             name="conv1"), "bn1", x, train, mask, relu=False)
+    left = conv_bn(TorchConv(mid, 1, 1, 0, dtype=d, name="conv2"),
                    "bn2", left, train, mask)
-    right = conv_bn(Conv(mid, 1, 1, 0, init_scheme="torch", dtype=d, name="conv3"),
+    right = conv_bn(TorchConv(mid, 1, 1, 0, dtype=d, name="conv3"),
                     "bn3", x, train, mask)
-    right = conv_bn(Conv(mid, 3, 2, 1, groups=mid, init_scheme="torch", dtype=d,
-                         name="conv4"), "bn4", right, train, mask, relu=False)
-    right = conv_bn(Conv(mid, 1, 1, 0, init_scheme="torch", dtype=d, name="conv5"),
+    right = conv_bn(TorchConv(mid, 3, 2, 1, groups=mid, dtype=d,
+                              name="conv4"), "bn4", right, train, mask,
+                    relu=False)
+    right = conv_bn(TorchConv(mid, 1, 1, 0, dtype=d, name="conv5"),
                     "bn5", right, train, mask)
     return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
@@ -65,11 +66,11 @@ class BasicBlock(nn.Module):
     d = self.dtype
     c = x.shape[-1] // 2  # split ratio 0.5, int() as in the reference
     kept, out = x[..., :c], x[..., c:]
-    out = conv_bn(Conv(c, 1, 1, 0, init_scheme="torch", dtype=d, name="conv1"),
+    out = conv_bn(TorchConv(c, 1, 1, 0, dtype=d, name="conv1"),
                   "bn1", out, train, mask)
-    out = conv_bn(Conv(c, 3, 1, 1, groups=c, init_scheme="torch", dtype=d,
-                       name="conv2"), "bn2", out, train, mask, relu=False)
-    out = conv_bn(Conv(c, 1, 1, 0, init_scheme="torch", dtype=d, name="conv3"),
+    out = conv_bn(TorchConv(c, 3, 1, 1, groups=c, dtype=d, name="conv2"),
+                  "bn2", out, train, mask, relu=False)
+    out = conv_bn(TorchConv(c, 1, 1, 0, dtype=d, name="conv3"),
                   "bn3", out, train, mask)
     return channel_shuffle(jnp.concatenate([kept, out], axis=-1), 2)
 
@@ -89,7 +90,7 @@ class ShuffleNetV2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False,
                return_features: bool = False, mask=None):
     d = self.dtype
-    x = conv_bn(Conv(24, 1, 1, 0, init_scheme="torch", dtype=d, name="conv1"), "bn1",
+    x = conv_bn(TorchConv(24, 1, 1, 0, dtype=d, name="conv1"), "bn1",
                 x, train, mask)
     features = [x]
     for stage, (channels, blocks) in enumerate(zip(_OUT_CHANNELS,
@@ -99,7 +100,7 @@ class ShuffleNetV2(nn.Module):
       for i in range(1, blocks + 1):
         x = BasicBlock(d, name=f"layer{stage + 1}_{i}")(x, train, mask)
       features.append(x)
-    x = conv_bn(Conv(_HEAD, 1, 1, 0, init_scheme="torch", dtype=d, name="conv2"),
+    x = conv_bn(TorchConv(_HEAD, 1, 1, 0, dtype=d, name="conv2"),
                 "bn2", x, train, mask)
     features.append(x)
     # The reference's avg_pool2d(out, 4) covers the whole 4×4 map.
