@@ -23,11 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import losses, methods, parallel
+from slkd_jax import losses, methods, optim, parallel
 from slkd_jax.methods import HParams, Logits
 from slkd_jax.state import (DistillState, ModelState, Networks, TrainState,
                             build_networks, make_optimizer)
-from slkd_jax import optim
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
