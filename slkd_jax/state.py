@@ -44,10 +44,6 @@ class TrainState(ModelState):
   step: jax.Array
   opt_state: optax.OptState
 
-  def member(self, k: int) -> "TrainState":
-    """SL-T ``k`` of a stacked state (index the leading axis)."""
-    return jax.tree.map(lambda leaf: leaf[k], self)
-
 
 @flax.struct.dataclass
 class DistillState:

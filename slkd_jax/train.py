@@ -139,10 +139,13 @@ def _add(a, b):
 
 
 def _check_finite(step: int, averages: dict[str, Any], stage: str,
-                  checkpoint_dir: str, saved_steps: list[int]) -> None:
+                  ckpt: checkpoint.Checkpointer) -> None:
   bad = [k for k, v in averages.items()
          if not np.all(np.isfinite(np.asarray(v, np.float64)))]
   if bad:
+    ckpt.wait()  # the last good checkpoint must be complete on disk
+    saved_steps = ckpt.all_steps()
+    checkpoint_dir = ckpt.directory
     last = saved_steps[-1] if saved_steps else None
     raise NonFiniteLossError(
         f"stage {stage!r}: non-finite {', '.join(sorted(bad))} at step {step}. "
@@ -228,8 +231,7 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
         if log_now:
           sums = _flatten_metrics(jax.device_get(window))
           averages = {k: v / window_steps for k, v in sums.items()}
-          _check_finite(global_step, averages, name, ckpt.directory,
-                        ckpt.all_steps())
+          _check_finite(global_step, averages, name, ckpt)
           for k, v in sums.items():
             epoch_sums[k] = epoch_sums.get(k, 0.0) + v
           epoch_steps += window_steps
