@@ -32,7 +32,7 @@ class Pair:
     batch_size: default batch: global for CIFAR pairs, per device when
       ``per_device_batch`` (ImageNet, the way large-batch runs are sized).
     learning_rate, weight_decay, temperature, ce_weight, kd_weight: the
-      reference recipe (SPEC.md sections 2–4); they do not change the cost
+      reference recipe (docs/method.md §2–4); they do not change the cost
       of a step but keep both sides' arithmetic identical.
     note: what the pair is for.
   """

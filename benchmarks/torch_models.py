@@ -3,8 +3,8 @@
 The PyTorch side of ``benchmarks/torch_reference.py`` must run the same
 networks as the JAX side, as the reference code (RepDistiller / mdistiller /
 torchvision) writes them: NCHW, ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules,
-eval-mode teacher. Topologies follow SPEC.md section 7, and the parameter
-counts equal the SPEC table (``tests/test_benchmarks.py`` asserts it), so
+eval-mode teacher. Topologies follow docs/method.md §7, and the parameter
+counts equal the table of docs/method.md §7 (``tests/test_benchmarks.py`` asserts it), so
 both sides do the same arithmetic. torchvision is not a dependency, hence the
 ImageNet ResNets are written here too.
 
@@ -279,9 +279,9 @@ def _builders() -> dict[str, Callable[[int], nn.Module]]:
 
 BUILDERS = _builders()
 
-# SPEC.md section 7 (100 classes; ImageNet models 1000): what create() must
+# docs/method.md §7 (100 classes; ImageNet models 1000): what create() must
 # build, checked by tests/test_benchmarks.py.
-SPEC_PARAM_COUNTS = {
+REFERENCE_PARAM_COUNTS = {
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324,
     "resnet32": 472_756, "resnet44": 667_188, "resnet56": 861_620,
     "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,

@@ -6,7 +6,7 @@
 This is the step researchers run today, written the way the reference
 trainer (BrilliantCheng/SLKD on mdistiller) writes it: the teacher in eval
 mode under ``torch.no_grad``; the K SL-Ts and the student in train mode on
-the same batch; loss = student loss + Σ_j SL-T loss (SPEC.md section 2, the
+the same batch; loss = student loss + Σ_j SL-T loss (docs/method.md §2, the
 fused target *not* detached); one ``backward``; one SGD per network (momentum
 0.9, coupled weight decay) steps; ``zero_grad(set_to_none=True)``. Networks
 are the PyTorch twins in ``benchmarks/torch_models.py`` (same parameter
@@ -79,7 +79,7 @@ def kd_loss(z_in: torch.Tensor, z_tgt: torch.Tensor, t: float) -> torch.Tensor:
 
 def step_loss(method: str, z_s, z_t, z_k, labels, *, temperature: float,
               ce_weight: float, kd_weight: float) -> torch.Tensor:
-  """The summed loss of one step (float32 logits; SPEC.md section 2).
+  """The summed loss of one step (float32 logits; docs/method.md §2).
 
   ``slkd``: L_student + Σ_j L_SLT_j with uniform fusion z_c = Σ_j z_j / K
   (the reference's (0.5, 0.5) at K = 2), z_c not detached, w_p = w_ce_cs =

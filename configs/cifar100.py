@@ -272,10 +272,12 @@ def get_config(arg: str | None = None):
   c.optim.decay_rate = 0.1
 
   c.slkd.num_slts = 2
-  c.loss.temperature = 4.0
+  # Every method's loss settings for this pair, one sub-config each; every
+  # stage (``method`` and each of ``compare_with``) runs with its own.
   # mdistiller's DKD: CE weight 1, α 1, β per pair, T 4, 20 warm-up epochs.
-  config_lib.set_method_weights(c, method, ce_weight=0.1, kd_weight=0.9,
-                                dkd_beta=preset.dkd_beta, dkd_warmup=20.0)
+  c.recipes = config_lib.recipes(temperature=4.0, ce_weight=0.1,
+                                 kd_weight=0.9, dkd_beta=preset.dkd_beta,
+                                 dkd_warmup=20.0)
 
   c.log_every_steps = 100
   c.checkpoint_every_epochs = 10

@@ -122,11 +122,12 @@ def get_config(arg: str | None = None):
   c.optim.decay_rate = 0.1
 
   c.slkd.num_slts = 2
-  c.loss.temperature = 1.0
   # mdistiller's ImageNet DKD configs: CE_WEIGHT 1.0 (DKD's default, set
   # explicitly there too), T 1, WARMUP 1, β per pair; α keeps the default 1.
-  config_lib.set_method_weights(c, method, ce_weight=0.5, kd_weight=0.5,
-                                dkd_beta=preset.dkd_beta, dkd_warmup=1.0)
+  # Every stage runs with the recipe of its own method.
+  c.recipes = config_lib.recipes(temperature=1.0, ce_weight=0.5,
+                                 kd_weight=0.5, dkd_beta=preset.dkd_beta,
+                                 dkd_warmup=1.0)
 
   c.log_every_steps = 100
   # An ImageNet epoch is long (2,502 steps at batch 512, more for SLKD), so a

@@ -30,7 +30,6 @@ def get_config(arg=None):
   c.num_epochs = 6
 
   c.slkd.num_slts = 2
-  c.loss.temperature = 4.0
   c.optim.learning_rate = 0.05
   c.optim.decay_epochs = (5,)  # the reference's late-training decay, scaled
   c.optim.weight_decay = 5e-4

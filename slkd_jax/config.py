@@ -7,34 +7,52 @@ the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 from typing import Any
 
 import ml_collections
 
-from slkd_jax import methods, models
+from slkd_jax import errors, methods, models
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 ENSEMBLES = ("unrolled", "vmap")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: CIFAR-100, resnet32x4 → resnet8x4, SLKD with K = 2, the
-  reference hyper-parameters (SPEC.md sections 2 and 4)."""
+  reference hyper-parameters (docs/method.md §2 and §4)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = "slkd"
-  c.dtype = "float32"  # compute dtype; params, BN stats and logits are f32.
+  # Compute dtype. Params, BN statistics and logits are float32 for
+  # bfloat16/float32 compute and float64 for "float64" (exact comparisons
+  # with the PyTorch reference; enables jax_enable_x64).
+  c.dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar100"
   c.data.source = "tfds"  # cifar100 only: "tfds" | "cifar-100-python"
+  # None (or "") = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.drop_last = False  # the reference keeps the last partial batch
   c.data.num_classes = 100
   c.data.image_size = 32
-  # Synthetic data only (benchmarks, tests).
+  # ImageNet host pipeline (tf.data, per process); other datasets live on
+  # the devices and ignore these.
+  c.data.shuffle_buffer = 10_000  # encoded JPEGs held for shuffling
+  c.data.host_prefetch = 2  # batches tf.data prepares ahead
+  c.data.device_prefetch = 2  # batches already transferred to the devices
+  # tf.data autotune RAM budget in GiB; None = tf.data's (half the RAM).
+  c.data.ram_budget_gb = ml_collections.FieldReference(None, field_type=float)
+  # tf.data private thread pool size; None = TF's shared pool (all cores).
+  c.data.num_threads = ml_collections.FieldReference(None, field_type=int)
+  # Synthetic data only (benchmarks, tests); data_seed fixes the images and
+  # labels themselves, independently of the run's seed.
   c.data.num_train = 256
   c.data.num_test = 64
+  c.data.data_seed = 0
 
   c.batch_size = 64  # global, over all devices and processes
   c.eval_batch_size = 256
@@ -46,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   # .pth; None trains the teacher first (stage "teacher").
   c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
   # Stage "teacher" (CE) recipe, used only when no checkpoint is given; the
-  # reference teachers train like CIFAR students (SPEC.md section 4).
+  # reference teachers train like CIFAR students (docs/method.md §4).
   c.teacher.num_epochs = 240
   c.teacher.learning_rate = 0.05
 
@@ -59,19 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.slkd.detach_fused_target = False  # False = reference code
   c.slkd.fusion_weights = ml_collections.FieldReference(None, field_type=tuple)
 
-  c.loss = ml_collections.ConfigDict()
-  c.loss.temperature = 4.0
-  c.loss.ce_weight = 0.1
-  c.loss.kd_weight = 0.9
-  c.loss.fused_weight = 1.0
-  c.loss.fused_ce_weight = 1.0
-  c.loss.fused_kd_weight = 1.0
-  # None ties the SL-Ts' weights to the student's (reference).
-  c.loss.slt_ce_weight = ml_collections.FieldReference(None, field_type=float)
-  c.loss.slt_kd_weight = ml_collections.FieldReference(None, field_type=float)
-  c.loss.dkd_alpha = 1.0
-  c.loss.dkd_beta = 8.0
-  c.loss.dkd_warmup = 20.0
+  # Each method's loss settings for this dataset / pair (``set_recipes``);
+  # every stage runs with the recipe of its own method.
+  c.recipes = recipes(temperature=4.0, ce_weight=0.1, kd_weight=0.9,
+                      dkd_beta=8.0, dkd_warmup=20.0)
+  # Explicit overrides: None = the stage method's recipe; a value replaces
+  # it in every stage (logged). ``--config.recipes.dkd.dkd_beta=6`` changes
+  # one method's recipe only.
+  c.loss = ml_collections.ConfigDict(
+      {key: ml_collections.FieldReference(None, field_type=float)
+       for key in methods.LOSS_KEYS})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 0.05
@@ -86,8 +101,23 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 10
+  # Rotating recent checkpoints (>= 2 keeps a fallback for a damaged latest
+  # one); the best epoch's checkpoint is kept besides, in best/.
   c.keep_checkpoints = 2
+  # How often (wall clock) all processes agree on a pending SIGTERM/SIGINT:
+  # well inside SLURM's grace period (--signal=TERM@120).
+  c.preemption_check_seconds = 10.0
+  # GPU: XLA's deterministic ops (bit-identical reruns; slower scatter and
+  # reductions). CPU runs are deterministic without it (the CLI sets
+  # parallel.CPU_DETERMINISM_FLAG for any CPU count).
+  c.deterministic = False
   return c
+
+
+def did_you_mean(name: str, choices) -> str:
+  """``' (did you mean 'x'?)'`` for the closest of ``choices``, or ''."""
+  close = difflib.get_close_matches(name, list(choices), n=3)
+  return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def parse_preset(arg: str | None, presets, default_preset: str,
@@ -102,43 +132,55 @@ def parse_preset(arg: str | None, presets, default_preset: str,
   preset = preset.strip() or default_preset
   method = method.strip() or default_method
   if preset not in presets:
-    raise ValueError(f"unknown {dataset} preset {preset!r}; available "
-                     f"presets: {', '.join(presets)} (optionally followed by "
-                     f"',METHOD' with METHOD one of "
-                     f"{', '.join(methods.METHODS)})")
+    raise errors.ConfigError(
+        f"unknown {dataset} preset {preset!r}{did_you_mean(preset, presets)}; "
+        f"available presets: {', '.join(presets)} (optionally followed by "
+        f"',METHOD' with METHOD one of {', '.join(methods.METHODS)})")
   if method not in methods.METHODS:
-    raise ValueError(f"unknown method {method!r} in {arg!r}; available "
-                     f"methods: {', '.join(methods.METHODS)}")
+    raise errors.ConfigError(
+        f"unknown method {method!r} in {arg!r}"
+        f"{did_you_mean(method, methods.METHODS)}; available methods: "
+        f"{', '.join(methods.METHODS)}")
   return preset, method
 
 
-def set_method_weights(c: ml_collections.ConfigDict, method: str, *,
-                       ce_weight: float, kd_weight: float, dkd_beta: float,
-                       dkd_warmup: float) -> None:
-  """The reference's loss weights of ``method`` (SPEC.md sections 2–3).
+def method_recipe(method: str, *, temperature: float, ce_weight: float,
+                  kd_weight: float, dkd_beta: float, dkd_warmup: float
+                  ) -> dict[str, Any]:
+  """The reference's loss settings of ``method`` for one dataset and pair
+  (docs/method.md §3).
 
   ``ce``: CE weight 1. ``dkd``: mdistiller's DKD (CE 1, α 1, the pair's β,
   the dataset's warm-up). ``kd`` and the SLKD family: the dataset's
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
-  SLKD's fused-SL-T weights 1.
+  SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
+  Every recipe defines every key of :data:`methods.LOSS_KEYS`.
   """
-  if method == "ce":
-    c.loss.ce_weight = 1.0
-  elif method == "dkd":
-    c.loss.ce_weight = 1.0
-    c.loss.dkd_alpha = 1.0
-    c.loss.dkd_beta = dkd_beta
-    c.loss.dkd_warmup = dkd_warmup
-  else:
-    c.loss.ce_weight = ce_weight
-    c.loss.kd_weight = kd_weight
-    c.loss.fused_weight = 1.0
-    c.loss.fused_ce_weight = 1.0
-    c.loss.fused_kd_weight = 1.0
+  methods.get(method)
+  recipe = {"temperature": temperature, "ce_weight": ce_weight,
+            "kd_weight": kd_weight, "fused_weight": 1.0,
+            "fused_ce_weight": 1.0, "fused_kd_weight": 1.0,
+            "slt_ce_weight": None, "slt_kd_weight": None, "dkd_alpha": 1.0,
+            "dkd_beta": dkd_beta, "dkd_warmup": dkd_warmup}
+  if method in ("ce", "dkd"):
+    recipe["ce_weight"] = 1.0
+  return recipe
+
+
+def recipes(**dataset_settings) -> ml_collections.ConfigDict:
+  """``config.recipes``: :func:`method_recipe` of every method, one
+  sub-config each, for one dataset and pair (keyword arguments as there)."""
+  tree = {}
+  for name in methods.METHODS:
+    recipe = method_recipe(name, **dataset_settings)
+    tree[name] = {k: (ml_collections.FieldReference(v, field_type=float)
+                      if k.startswith("slt_") else v)
+                  for k, v in recipe.items()}
+  return ml_collections.ConfigDict(tree)
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+  raise errors.ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -146,56 +188,199 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     _fail(key, value, allowed)
 
 
+def _is_int(value: Any, lower: int, upper: float = math.inf) -> bool:
+  return (isinstance(value, int) and not isinstance(value, bool)
+          and lower <= value < upper)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def stage_methods(config) -> list[str]:
+  """The methods of the run's distillation stages, in order."""
+  return [config.method, *config.compare_with]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ``ValueError`` naming the first bad key, its value and the rule."""
-  method = None
-  try:
-    method = methods.get(config.method)
-  except ValueError as e:
-    _fail("method", config.method, str(e).split("; ", 1)[-1])
+  """Raise :class:`~slkd_jax.errors.ConfigError` naming the first bad key,
+  its value and the rule, before anything compiles."""
+  _validate_run(config)
+  _validate_models(config)
+  for method in stage_methods(config):
+    _validate_loss(config, method)
+  _validate_optim(config.optim)
+  _validate_cadence(config)
+
+
+def _validate_run(config) -> None:
+  _check(config.method in methods.METHODS, "method", config.method,
+         f"one of {', '.join(methods.METHODS)}")
+  compare = tuple(config.compare_with)
+  _check(all(m in methods.METHODS for m in compare), "compare_with", compare,
+         f"a tuple of methods from {', '.join(methods.METHODS)}")
+  _check(len(set(stage_methods(config))) == len(compare) + 1, "compare_with",
+         compare, f"methods other than config.method={config.method!r}, each "
+         "once (every method is one stage)")
   _check(config.dtype in DTYPES, "dtype", config.dtype,
          f"one of {', '.join(DTYPES)}")
+  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+    _check(_is_int(config[key], 1), key, config[key], "an int >= 1")
+  _check(_is_int(config.seed, 0, 2**32), "seed", config.seed,
+         "an int in [0, 2**32)")
+  _check(isinstance(config.deterministic, bool), "deterministic",
+         config.deterministic, "True or False")
+
+
+def _validate_models(config) -> None:
   for key in ("student", "teacher"):
     arch = config[key].arch
     _check(arch in models.available(), f"{key}.arch", arch,
            "a model name from slkd_jax.models.available(): "
            + ", ".join(models.available()))
-  _check(isinstance(config.data.num_classes, int)
-         and config.data.num_classes >= 2, "data.num_classes",
+  _check(_is_int(config.data.num_classes, 2), "data.num_classes",
          config.data.num_classes, "an int >= 2")
-  for key in ("batch_size", "eval_batch_size", "num_epochs", "seed"):
-    value = config[key]
-    lower = 0 if key == "seed" else 1
-    _check(isinstance(value, int) and value >= lower, key, value,
-           f"an int >= {lower}")
-  if method.uses_slts:
-    k = config.slkd.num_slts
-    _check(isinstance(k, int) and k >= 1, "slkd.num_slts", k, "an int >= 1")
-    weights = config.slkd.fusion_weights
-    if weights is not None:
-      _check(len(weights) == k, "slkd.fusion_weights", weights,
-             f"None (uniform 1/K) or {k} weights, one per SL-T")
-  for name in config.compare_with:
-    _check(name in methods.METHODS, "compare_with", config.compare_with,
-           f"a tuple of methods from {', '.join(methods.METHODS)}")
-  _check(config.teacher.num_epochs >= 1 and config.teacher.learning_rate > 0,
-         "teacher", (config.teacher.num_epochs, config.teacher.learning_rate),
-         "teacher.num_epochs >= 1 and teacher.learning_rate > 0")
+  teacher = config.teacher
+  _check(_is_int(teacher.num_epochs, 1), "teacher.num_epochs",
+         teacher.num_epochs, "an int >= 1")
+  _check(_is_number(teacher.learning_rate) and teacher.learning_rate > 0,
+         "teacher.learning_rate", teacher.learning_rate, "a positive number")
+  _check(teacher.checkpoint is None or bool(teacher.checkpoint.strip()),
+         "teacher.checkpoint", teacher.checkpoint,
+         "None (train the teacher first) or a path")
+  if not any(methods.get(m).uses_slts for m in stage_methods(config)):
+    return
+  k = config.slkd.num_slts
+  _check(_is_int(k, 1), "slkd.num_slts", k, "an int >= 1")
   _check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
          config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
-  _check(config.loss.temperature > 0, "loss.temperature",
-         config.loss.temperature, "a positive number")
-  _check(config.loss.dkd_warmup > 0, "loss.dkd_warmup", config.loss.dkd_warmup,
-         "a positive number of epochs")
-  for key in ("ce_weight", "kd_weight", "fused_weight", "fused_ce_weight",
-              "fused_kd_weight", "dkd_alpha", "dkd_beta"):
-    value = config.loss[key]
-    _check(value >= 0, f"loss.{key}", value, "a non-negative number")
-  opt = config.optim
-  _check(opt.learning_rate > 0, "optim.learning_rate", opt.learning_rate,
-         "a positive number")
-  _check(0 <= opt.momentum < 1, "optim.momentum", opt.momentum, "in [0, 1)")
-  _check(opt.weight_decay >= 0, "optim.weight_decay", opt.weight_decay,
-         "a non-negative number")
-  _check(list(opt.decay_epochs) == sorted(opt.decay_epochs),
-         "optim.decay_epochs", opt.decay_epochs, "epochs in increasing order")
+  weights = config.slkd.fusion_weights
+  if weights is not None:
+    _check(len(weights) == k and all(_is_number(w) and w >= 0
+                                     for w in weights)
+           and abs(sum(weights) - 1.0) < 1e-6, "slkd.fusion_weights",
+           weights, f"None (uniform 1/K) or {k} non-negative weights, one per "
+           "SL-T, summing to 1")
+
+
+def _validate_loss(config, method: str) -> None:
+  """The loss settings ``method``'s stage trains with (its recipe and the
+  ``config.loss`` overrides); the message names the key that set them."""
+  overrides = methods.loss_overrides(config)
+  settings = vars(methods.loss_settings(config, method))
+  for key, value in settings.items():
+    name = f"loss.{key}" if key in overrides else f"recipes.{method}.{key}"
+    if key.startswith("slt_") and value is None:
+      continue  # tied to the student's weight
+    _check(_is_number(value), name, value, "a finite number")
+    if key in ("temperature", "dkd_warmup"):
+      _check(value > 0, name, value, "a positive number")
+    else:
+      _check(value >= 0, name, value, "a non-negative number")
+
+
+def _validate_optim(opt) -> None:
+  _check(_is_number(opt.learning_rate) and opt.learning_rate > 0,
+         "optim.learning_rate", opt.learning_rate, "a positive number")
+  _check(_is_number(opt.momentum) and 0 <= opt.momentum < 1,
+         "optim.momentum", opt.momentum, "in [0, 1)")
+  _check(_is_number(opt.weight_decay) and opt.weight_decay >= 0,
+         "optim.weight_decay", opt.weight_decay, "a non-negative number")
+  epochs = list(opt.decay_epochs)
+  _check(all(_is_int(e, 0) for e in epochs) and epochs == sorted(set(epochs)),
+         "optim.decay_epochs", opt.decay_epochs,
+         "non-negative int epochs in increasing order")
+  _check(_is_number(opt.decay_rate) and opt.decay_rate > 0,
+         "optim.decay_rate", opt.decay_rate, "a positive number")
+
+
+def _validate_cadence(config) -> None:
+  for key, lower in (("log_every_steps", 1), ("checkpoint_every_epochs", 1),
+                     ("keep_checkpoints", 1)):
+    _check(_is_int(config[key], lower), key, config[key], f"an int >= {lower}")
+  _validate_data_settings(config.data)
+  _check(_is_number(config.preemption_check_seconds)
+         and config.preemption_check_seconds > 0, "preemption_check_seconds",
+         config.preemption_check_seconds, "a positive number of seconds")
+
+
+# ---------------------------------------------------------------------------
+# Stages and resuming.
+
+TEACHER_STAGE = "teacher"
+
+#: Keys a resumed stage may change: they do not change what it computes.
+#: ``teacher.*`` is checked against the workdir's frozen teacher instead,
+#: and ``recipes`` through the resolved ``loss`` of the stage config.
+RESUMABLE_KEYS = (
+    "num_epochs", "compare_with", "log_every_steps", "checkpoint_every_epochs",
+    "keep_checkpoints", "preemption_check_seconds", "deterministic",
+    "eval_batch_size", "recipes", "teacher", "data.data_dir",
+    "data.host_prefetch", "data.device_prefetch",
+    "data.ram_budget_gb", "data.num_threads")
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str
+                 ) -> ml_collections.ConfigDict:
+  """The config one stage runs with: ``method`` set to the stage's, and
+  ``loss`` resolved to that method's recipe plus the explicit overrides (so
+  no stage runs with another method's weights). The teacher stage trains
+  the teacher architecture with CE on the teacher recipe."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if stage == TEACHER_STAGE:
+    c.method = "ce"
+    c.student.arch = config.teacher.arch
+    c.num_epochs = config.teacher.num_epochs
+    c.optim.learning_rate = config.teacher.learning_rate
+  else:
+    c.method = stage
+  c.loss = ml_collections.ConfigDict(vars(methods.loss_settings(c)))
+  return c
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (a config as JSON, flat)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def resume_changes(saved: dict[str, Any], current: ml_collections.ConfigDict
+                   ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """Compare a stage's saved config (JSON) with the current stage config.
+
+  Returns ``(conflicts, accepted)``, each ``{key: (saved, current)}``:
+  changes of keys that alter the run's meaning, and changes of
+  :data:`RESUMABLE_KEYS` (and of ``slkd.*`` for methods without SL-Ts).
+  """
+  now = flatten(json.loads(current.to_json_best_effort()))
+  before = flatten(saved)
+  free = RESUMABLE_KEYS
+  if not methods.get(current.method).uses_slts:
+    free += ("slkd",)
+  conflicts, accepted = {}, {}
+  for key in sorted(set(now) | set(before)):
+    old, new = before.get(key), now.get(key)
+    if old == new:
+      continue
+    is_free = any(key == k or key.startswith(k + ".") for k in free)
+    (accepted if is_free else conflicts)[key] = (old, new)
+  return conflicts, accepted
+
+
+def _validate_data_settings(data) -> None:
+  for key, lower in (("shuffle_buffer", 1), ("host_prefetch", 0),
+                     ("device_prefetch", 0), ("data_seed", 0)):
+    _check(_is_int(data[key], lower), f"data.{key}", data[key],
+           f"an int >= {lower}")
+  _check(data.num_threads is None or _is_int(data.num_threads, 1),
+         "data.num_threads", data.num_threads, "None (automatic) or an int >= 1")
+  _check(data.ram_budget_gb is None or (_is_number(data.ram_budget_gb)
+                                        and data.ram_budget_gb > 0),
+         "data.ram_budget_gb", data.ram_budget_gb,
+         "None (automatic) or a positive number of GiB")

@@ -45,12 +45,20 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from slkd_jax import errors
+
 # Keys under which training scripts nest the state_dict in a checkpoint dict
 # (mdistiller / RepDistiller: 'model'; others: 'state_dict', 'net').
 _NESTING_KEYS = ("model", "state_dict", "net")
 # Prefixes added by wrappers: nn.DataParallel / DistributedDataParallel, and
 # torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class ConversionError(errors.ConfigError):
+  """A checkpoint cannot be converted or loaded: the message says why and
+  how to fix it (a ``ValueError``, as before)."""
+
 
 METADATA_FILE = "teacher.json"
 VARIABLES_DIR = "variables"
@@ -235,10 +243,10 @@ def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
         continue
     break
   if not isinstance(obj, Mapping):
-    raise ValueError(f"expected a state_dict (a mapping of names to tensors), "
+    raise ConversionError(f"expected a state_dict (a mapping of names to tensors), "
                      f"got {type(obj).__name__}")
   if not any(_is_tensor_like(v) for v in obj.values()):
-    raise ValueError(
+    raise ConversionError(
         "no tensors found in the checkpoint: expected a state_dict or a dict "
         f"holding one under one of {list(_NESTING_KEYS)}; top-level keys: "
         f"{sorted(map(str, obj))[:20]}")
@@ -252,18 +260,21 @@ def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
         if key.startswith(prefix):
           key, stripped = key[len(prefix):], True
     if key in out:
-      raise ValueError(f"two tensors map to {key!r} after stripping wrapper "
+      raise ConversionError(f"two tensors map to {key!r} after stripping wrapper "
                        f"prefixes {_WRAPPER_PREFIXES}")
     out[key] = value
   return out
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (any device / float dtype) or array as a numpy array."""
+  """A torch tensor (any device / float dtype) or array as a numpy array.
+
+  Float tensors keep their precision (float64 stays float64) except
+  bfloat16, which numpy lacks and which float32 holds exactly.
+  """
   if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
     tensor = value.detach().cpu()
-    # numpy has no bfloat16; float32 is the target anyway.
-    if tensor.is_floating_point():
+    if tensor.is_floating_point() and tensor.element_size() < 4:
       tensor = tensor.float()
     return tensor.numpy()
   return np.asarray(value)
@@ -288,19 +299,23 @@ def _infer_num_classes(slots: list[_Slot], state_dict: Mapping[str, Any]
 
 
 def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
-                       num_classes: int | None = None) -> dict[str, Any]:
+                       num_classes: int | None = None,
+                       dtype: Any = np.float32) -> dict[str, Any]:
   """Convert a PyTorch state_dict to flax variables of ``models.create(arch)``.
 
   Args:
     arch: registry name (``models.available()``), e.g. ``'resnet32x4'``.
     state_dict: PyTorch tensors or numpy arrays keyed by the reference zoo's
-      names (SPEC.md section 8). A checkpoint dict (``'model'`` /
+      names (docs/method.md §8). A checkpoint dict (``'model'`` /
       ``'state_dict'`` / ``'net'``) and ``module.`` prefixes are unwrapped.
     num_classes: classifier width; inferred from the classifier weight when
       not given.
+    dtype: numpy dtype of the returned arrays. float32 (default) for the
+      usual float32 / bfloat16 runs; ``np.float64`` keeps float64 tensors
+      exact for a float64 run.
 
   Returns:
-    ``{'params': ..., 'batch_stats': ...}``: nested dicts of float32 numpy
+    ``{'params': ..., 'batch_stats': ...}``: nested dicts of ``dtype`` numpy
     arrays, ready for ``models.create(arch, num_classes).apply``.
 
   Raises:
@@ -340,7 +355,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
       continue
     # A copy: torch's .numpy() shares memory with the (mutable) tensor.
     flat[(s.collection,) + s.flax_path] = np.array(
-        s.to_flax(array), dtype=np.float32, order="C", copy=True)
+        s.to_flax(array), dtype=dtype, order="C", copy=True)
   used = {s.torch_key for s in slots}
   unexpected = []
   for key, value in state_dict.items():
@@ -366,7 +381,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
     if len(missing) > len(slots) // 2:
       lines.append(f"  (most keys are missing: is {arch!r} the architecture "
                    f"this checkpoint was trained as?)")
-    raise ValueError("\n".join(lines))
+    raise ConversionError("\n".join(lines))
   return _unflatten(flat)
 
 
@@ -378,7 +393,7 @@ def _import_torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(
+    raise errors.MissingDependencyError(
         "reading a PyTorch checkpoint needs torch, an optional extra: "
         "pip install -e '.[torch]' (the CPU build, torch==2.13.0, suffices)"
     ) from e
@@ -401,7 +416,7 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = True
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     if not allow_pickle:
-      raise ValueError(
+      raise ConversionError(
           f"{path} cannot be read with torch.load(weights_only=True) (it "
           f"holds non-tensor objects, or it is not a PyTorch checkpoint). If "
           f"you trust the file, allow the full unpickler (allow_pickle=True; "
@@ -414,12 +429,12 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = True
     try:
       checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e2:  # any failure here means: not a checkpoint
-      raise ValueError(f"cannot read {path} as a PyTorch checkpoint "
+      raise ConversionError(f"cannot read {path} as a PyTorch checkpoint "
                        f"({type(e2).__name__}: {e2}); {hint}") from e2
   except (RuntimeError, EOFError, OSError) as e:
     if isinstance(e, FileNotFoundError):
       raise
-    raise ValueError(f"cannot read {path} as a PyTorch checkpoint "
+    raise ConversionError(f"cannot read {path} as a PyTorch checkpoint "
                      f"({type(e).__name__}: {e}); {hint}") from e
   return unwrap_state_dict(checkpoint)
 
@@ -429,7 +444,7 @@ def _num_classes_of(variables: Mapping[str, Any]) -> int:
   kernels = [v for path, v in _flatten(variables.get("params", {})).items()
              if path[-1] == "kernel" and len(np.shape(v)) == 2]
   if len(kernels) != 1:
-    raise ValueError(f"cannot infer num_classes: expected one Linear layer, "
+    raise ConversionError(f"cannot infer num_classes: expected one Linear layer, "
                      f"found {len(kernels)}; pass num_classes")
   return int(np.shape(kernels[0])[1])
 
@@ -447,7 +462,7 @@ def _check_variables(variables: Mapping[str, Any], arch: str,
                f"{_fmt_shape(got[k])}"
                for k in sorted(set(expected) & set(got)) if expected[k] != got[k]]
   if problems:
-    raise ValueError(f"{what} does not match {arch!r} ({num_classes} classes):\n"
+    raise ConversionError(f"{what} does not match {arch!r} ({num_classes} classes):\n"
                      + "\n".join(f"  {p}" for p in problems))
 
 
@@ -539,7 +554,7 @@ def load_teacher(path: str, arch: str | None = None,
   """
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise ConversionError(
         f"teacher checkpoint {path} does not exist; convert a PyTorch teacher "
         f"with `python -m slkd_jax.convert_torch --arch {arch or '<arch>'} "
         f"--checkpoint <ckpt.pth> --out {path}`, or set "
@@ -547,13 +562,13 @@ def load_teacher(path: str, arch: str | None = None,
 
   if os.path.isfile(path):
     if arch is None:
-      raise ValueError(f"{path} is a PyTorch checkpoint: converting it needs "
+      raise ConversionError(f"{path} is a PyTorch checkpoint: converting it needs "
                        f"the architecture (arch=..., config.teacher.arch)")
     variables = convert_state_dict(
         arch, load_torch_checkpoint(path, allow_pickle), num_classes)
     found = _num_classes_of(variables)
     if num_classes is not None and found != num_classes:
-      raise ValueError(f"{path} has {found} classes, expected {num_classes}")
+      raise ConversionError(f"{path} has {found} classes, expected {num_classes}")
     flat = _flatten(variables)
     meta = {"format": "pytorch", "arch": arch, "num_classes": found,
             "source": os.path.abspath(path),
@@ -563,7 +578,7 @@ def load_teacher(path: str, arch: str | None = None,
 
   meta_path = os.path.join(path, METADATA_FILE)
   if not os.path.isfile(meta_path):
-    raise ValueError(
+    raise ConversionError(
         f"{path} is not a teacher checkpoint (no {METADATA_FILE}: missing, or "
         f"an interrupted conversion); {_redo_hint(path, arch)}")
   try:
@@ -571,13 +586,13 @@ def load_teacher(path: str, arch: str | None = None,
       meta = json.load(f)
     saved_arch, saved_classes = meta["arch"], int(meta["num_classes"])
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
+    raise ConversionError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
                      f"{_redo_hint(path, arch)}") from e
   if arch is not None and arch != saved_arch:
-    raise ValueError(f"teacher checkpoint {path} holds a {saved_arch!r}, but "
+    raise ConversionError(f"teacher checkpoint {path} holds a {saved_arch!r}, but "
                      f"the config asks for {arch!r} (config.teacher.arch)")
   if num_classes is not None and num_classes != saved_classes:
-    raise ValueError(f"teacher checkpoint {path} has {saved_classes} classes, "
+    raise ConversionError(f"teacher checkpoint {path} has {saved_classes} classes, "
                      f"but {num_classes} are expected")
 
   import orbax.checkpoint as ocp
@@ -591,7 +606,7 @@ def load_teacher(path: str, arch: str | None = None,
     _check_variables(variables, saved_arch, saved_classes,
                      f"the teacher checkpoint {path}")
   except Exception as e:  # orbax raises many types for damaged files
-    raise ValueError(f"teacher checkpoint {path} is missing or corrupt "
+    raise ConversionError(f"teacher checkpoint {path} is missing or corrupt "
                      f"({type(e).__name__}: {str(e)[:500]}); "
                      f"{_redo_hint(path, saved_arch)}") from e
   return variables, meta
@@ -634,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                                    allow_pickle=not args.weights_only)
     out = save_teacher(variables, args.out, args.arch, meta["num_classes"],
                        source=meta["source"], overwrite=args.force)
-  except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
+  except (errors.UserError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   flat = _flatten(variables)

@@ -3,7 +3,7 @@
 Pure functions of logits (never of models). Every batch reduction takes an
 optional ``mask`` ``[B]`` so a padded final batch gives exactly the loss of the
 real examples (the reference keeps the last partial batch). Formulas follow
-the reference code (SLKD on mdistiller); see SPEC.md section 2.
+the reference code (SLKD on mdistiller); see docs/method.md §2.
 
 Shapes: logits ``[B, C]`` float32, labels ``[B]`` int, SL-T logits
 ``[K, B, C]``.
@@ -133,7 +133,7 @@ def slkd_student_loss(student_logits: jax.Array, teacher_logits: jax.Array,
                       detach_fused_target: bool = False,
                       mask: jax.Array | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The student's SLKD objective (SPEC.md section 2).
+  """The student's SLKD objective (docs/method.md §2).
 
   L_student = w_ce·CE(z_s,y) + w_kd·KD_T(z_s, sg(z_t))
               + w_p·(w_ce_cs·CE(z_s,y) + w_kd_cs·KD_T(z_s, z_c))

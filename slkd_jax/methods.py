@@ -21,6 +21,7 @@ can change them (or ``jax.vmap`` over runs) without recompiling.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Callable
 
 import flax
@@ -32,7 +33,11 @@ from slkd_jax import losses, optim
 
 @flax.struct.dataclass
 class HParams:
-  """Hyper-parameters passed to the step as (replicated) float32 arrays."""
+  """Hyper-parameters passed to the step as (replicated) arrays.
+
+  float64 when the run's ``config.dtype`` is ``'float64'`` (so a float64 run
+  is not rounded to float32 through its loss weights), float32 otherwise.
+  """
   learning_rate: jax.Array
   temperature: jax.Array
   ce_weight: jax.Array
@@ -148,6 +153,30 @@ def get(name: str) -> Method:
                      f"{', '.join(METHODS)}") from None
 
 
+#: The loss settings every method's recipe defines (``config.recipes.<m>``)
+#: and that ``config.loss`` may override.
+LOSS_KEYS = ("temperature", "ce_weight", "kd_weight", "fused_weight",
+             "fused_ce_weight", "fused_kd_weight", "slt_ce_weight",
+             "slt_kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup")
+
+
+def loss_overrides(config: Any) -> dict[str, float]:
+  """The ``config.loss`` keys set explicitly (not None): they replace the
+  recipe's value in every stage."""
+  return {k: config.loss[k] for k in LOSS_KEYS if config.loss[k] is not None}
+
+
+def loss_settings(config: Any, method: str | None = None
+                  ) -> types.SimpleNamespace:
+  """The loss settings a stage of ``method`` (default ``config.method``)
+  trains with: that method's recipe (``config.recipes[method]``, set per
+  dataset and pair by the presets), with the explicit ``config.loss``
+  overrides applied. ``slt_*_weight`` None means tied to the student's."""
+  settings = dict(config.recipes[method or config.method])
+  settings.update(loss_overrides(config))
+  return types.SimpleNamespace(**settings)
+
+
 def fusion_weights(config: Any) -> list[float]:
   """SL-T fusion weights: ``config.slkd.fusion_weights`` or uniform 1/K
   (the reference's (0.5, 0.5) at K = 2); empty without SL-Ts."""
@@ -163,25 +192,28 @@ def make_hparams(config: Any, epoch: int) -> HParams:
 
   The learning rate follows the step schedule; DKD's warm-up factor is
   ``min(epoch / warmup, 1)``. SL-T loss weights default to (are tied to) the
-  student's ``ce_weight`` / ``kd_weight`` as in the reference.
+  student's ``ce_weight`` / ``kd_weight`` as in the reference. The arrays
+  are float64 for a float64 run (0.1 or 0.05 in float32 would leak float32
+  rounding into it), float32 otherwise; float64 needs ``jax_enable_x64``.
   """
-  loss, opt = config.loss, config.optim
+  loss, opt = loss_settings(config), config.optim
   fusion = fusion_weights(config)
-  f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+  dtype = jnp.float64 if config.dtype == "float64" else jnp.float32
+  arr = lambda v: jnp.asarray(v, dtype)  # noqa: E731
   tied = lambda v, default: default if v is None else v  # noqa: E731
   return HParams(
-      learning_rate=f32(optim.learning_rate(opt.learning_rate, epoch,
+      learning_rate=arr(optim.learning_rate(opt.learning_rate, epoch,
                                             opt.decay_epochs, opt.decay_rate)),
-      temperature=f32(loss.temperature),
-      ce_weight=f32(loss.ce_weight),
-      kd_weight=f32(loss.kd_weight),
-      fused_weight=f32(loss.fused_weight),
-      fused_ce_weight=f32(loss.fused_ce_weight),
-      fused_kd_weight=f32(loss.fused_kd_weight),
-      slt_ce_weight=f32(tied(loss.slt_ce_weight, loss.ce_weight)),
-      slt_kd_weight=f32(tied(loss.slt_kd_weight, loss.kd_weight)),
-      fusion_weights=f32(fusion).reshape((len(fusion),)),
-      dkd_alpha=f32(loss.dkd_alpha),
-      dkd_beta=f32(loss.dkd_beta),
-      dkd_warmup_factor=f32(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
+      temperature=arr(loss.temperature),
+      ce_weight=arr(loss.ce_weight),
+      kd_weight=arr(loss.kd_weight),
+      fused_weight=arr(loss.fused_weight),
+      fused_ce_weight=arr(loss.fused_ce_weight),
+      fused_kd_weight=arr(loss.fused_kd_weight),
+      slt_ce_weight=arr(tied(loss.slt_ce_weight, loss.ce_weight)),
+      slt_kd_weight=arr(tied(loss.slt_kd_weight, loss.kd_weight)),
+      fusion_weights=arr(fusion).reshape((len(fusion),)),
+      dkd_alpha=arr(loss.dkd_alpha),
+      dkd_beta=arr(loss.dkd_beta),
+      dkd_warmup_factor=arr(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
   )

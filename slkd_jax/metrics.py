@@ -137,6 +137,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   return records
 
 
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+  """Drops the records of steps after ``last_step`` (work abandoned by a
+  crash or a stop, which a resume from ``last_step`` redoes), so every step
+  and epoch appears once. Rewrites atomically; returns how many were
+  dropped."""
+  if not os.path.exists(path):
+    return 0
+  records = read_jsonl(path)
+  kept = [r for r in records if r.get("step", 0) <= last_step]
+  if len(kept) == len(records):
+    return 0
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+  return len(records) - len(kept)
+
+
 # --------------------------------------------------------------------------
 # TensorBoard event files, hand-encoded
 
@@ -636,9 +654,11 @@ def _series(history: Sequence[Mapping[str, Any]], key: str
   return xs, ys
 
 
+# What the step computes (losses.kl_divergence(student, target) at T = 1):
+# the target's distribution comes first inside the KL.
 _TRAJECTORY_LABELS = {
-    "kl_student_teacher": "KL(student ‖ teacher)",
-    "kl_student_fused": "KL(student ‖ fused SL-T)",
+    "kl_student_teacher": "KL(p_teacher ‖ p_student)",
+    "kl_student_fused": "KL(p_fused ‖ p_student)",
 }
 
 
@@ -693,6 +713,6 @@ def plot_history(history: Sequence[Mapping[str, Any]],
     save(top1_keys, [k.rsplit("/", 1)[0] for k in top1_keys],
          "top-1 accuracy (%)", "Eval top-1 per epoch", "accuracy.png")
   if kl_keys:
-    save(kl_keys, [_TRAJECTORY_LABELS[k] for k in kl_keys], "KL divergence",
-         "Learning trajectories", "trajectory.png")
+    save(kl_keys, [_TRAJECTORY_LABELS[k] for k in kl_keys],
+         "KL divergence (T = 1)", "Learning trajectories", "trajectory.png")
   return written

@@ -1,5 +1,5 @@
 """The reference optimiser: PyTorch SGD with momentum and coupled weight decay,
-and the step-decay learning-rate schedule by epoch (SPEC.md section 4).
+and the step-decay learning-rate schedule by epoch (docs/method.md §4).
 
 PyTorch's ``SGD(momentum=m, dampening=0, nesterov=False, weight_decay=wd)``:
 ``g ← g + wd·w``; ``buf ← m·buf + g`` (``buf = g`` at the first step);

@@ -6,39 +6,230 @@ Reads each workdir's ``<stage>/metrics.jsonl`` and prints, per stage, the
 best-epoch top-1 (the mdistiller/SLKD convention) and the last-epoch top-1
 (RepDistiller's) of the trained network, as mean ± std over the workdirs
 (sample std, ``ddof=1``), plus the fused SL-T's and the teacher's.
+
+Only finished stages count: a stage is finished when its eval records reach
+its config's ``num_epochs``. Unfinished stages are listed below the table,
+marked, with the last epoch they reached, and never enter a mean. When a log
+holds an epoch more than once (a crash, then a resume from an older
+checkpoint), the last record of that epoch counts.
+
+The stage config is ``<stage>/config.json`` (its recipe resolved into
+``loss``); a stage without one counts as unfinished. Runs of a
+stage whose configs differ in anything but the seed and the
+:data:`IGNORED_KEYS` (and ``slkd.*`` for methods without SL-Ts) are not
+averaged: the report exits with status 2 and names the keys and the
+workdirs (``--ignore KEY`` adds a key to skip).
+
+A workdir named twice (``runs/a`` and ``runs/a/``, or through a symlink) is
+counted once, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
+import json
 import os
 import sys
+from typing import Any, Iterable, Sequence
 
-from slkd_jax import metrics
+from slkd_jax import config as config_lib
+from slkd_jax import methods, metrics
+
+# Config keys (dotted, a key also covers its sub-keys) whose value does not
+# change what a run measures, so runs differing in them are still averaged.
+IGNORED_KEYS: tuple[str, ...] = (
+    "seed",  # what the report averages over
+    # Logging, checkpoint and preemption-polling cadence.
+    "log_every_steps",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+    "preemption_check_seconds",
+    # Where the data lives, not which data it is.
+    "data.data_dir",
+    # Input-pipeline performance knobs (slkd_jax/data/imagenet.py): how fast
+    # batches arrive, not which ones. The shuffle buffer only changes the
+    # random order, as the seed does (also resumable in config.py).
+    "data.num_threads",
+    "data.ram_budget_gb",
+    "data.host_prefetch",
+    "data.device_prefetch",
+    "data.shuffle_buffer",
+    # Bit-identical reruns on GPU, not other numbers.
+    "deterministic",
+    # Eval is exact at any batch size (BatchNorm in eval mode, the padded
+    # last batch masked).
+    "eval_batch_size",
+    # vmap or unrolled SL-Ts compute the same function (train_step.py).
+    "slkd.ensemble",
+    # The other stages the run trained next to this one; each stage is
+    # trained on its own from the same teacher.
+    "compare_with",
+    # Every method's loss recipe: the stage's own is resolved into ``loss``
+    # (config.stage_config), which is compared.
+    "recipes",
+)
+
+_ABSENT = "<absent>"
 
 
-def stage_histories(workdir: str) -> dict[str, list[dict]]:
-  """``{stage: [per-epoch eval records]}`` of one workdir (eval keys without
-  the ``eval/`` prefix)."""
-  histories = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "*", "metrics.jsonl"))):
-    records = [{k.removeprefix("eval/"): v for k, v in r.items()}
-               for r in metrics.read_jsonl(path) if "eval/student/top1" in r]
-    if records:
-      histories[os.path.basename(os.path.dirname(path))] = records
-  return histories
+def _uses_slts(method: str | None) -> bool:
+  """Unknown methods count as using SL-Ts (compared: the safe side)."""
+  known = methods.METHODS.get(method)
+  return known is None or known.uses_slts
 
 
-def aggregate(workdirs: list[str]) -> list[dict]:
-  """One row per stage: mean ± std over ``workdirs`` of best/last top-1."""
-  per_stage: dict[str, list[list[dict]]] = {}
+class ConfigMismatchError(ValueError):
+  """Runs of one stage differ in a config key that changes their meaning."""
+
+
+@dataclasses.dataclass
+class StageRun:
+  """One stage of one workdir: its per-epoch eval history and config."""
+  workdir: str
+  stage: str
+  history: list[dict[str, Any]]  # one record per epoch, by epoch, no "eval/"
+  config: dict[str, Any] | None  # flattened to dotted keys; None: not found
+
+  @property
+  def num_epochs(self) -> int | None:
+    """The stage's configured epochs, None when its config is unknown."""
+    return None if self.config is None else self.config.get("num_epochs")
+
+  @property
+  def last_epoch(self) -> int:
+    return self.history[-1]["epoch"] if self.history else 0
+
+  @property
+  def finished(self) -> bool:
+    return self.num_epochs is not None and self.last_epoch >= self.num_epochs
+
+  @property
+  def result(self) -> list[dict[str, Any]]:
+    """The history of a ``num_epochs`` run: later epochs (a rerun with a
+    smaller ``num_epochs``) are not part of it."""
+    return [r for r in self.history if r["epoch"] <= self.num_epochs]
+
+
+def unique_workdirs(workdirs: Sequence[str]) -> tuple[list[str], list[str]]:
+  """``(workdirs without repeats, warnings)``; two names are the same
+  workdir when their real paths (symlinks resolved) are equal."""
+  seen: dict[str, str] = {}
+  kept, warnings = [], []
   for workdir in workdirs:
-    for stage, history in stage_histories(workdir).items():
-      per_stage.setdefault(stage, []).append(history)
+    real = os.path.realpath(workdir)
+    if real in seen:
+      warnings.append(f"warning: {workdir} is the same directory as "
+                      f"{seen[real]} ({real}); counted once")
+      continue
+    seen[real] = workdir
+    kept.append(workdir)
+  return kept, warnings
+
+
+def eval_history(path: str) -> list[dict[str, Any]]:
+  """The eval records of a ``metrics.jsonl`` (keys without ``eval/``), one
+  per epoch in epoch order; a repeated epoch keeps its last record, which
+  the resumed run wrote."""
+  by_epoch: dict[int, dict[str, Any]] = {}
+  records = [r for r in metrics.read_jsonl(path) if "eval/student/top1" in r]
+  for index, record in enumerate(records):
+    record = {k.removeprefix("eval/"): v for k, v in record.items()}
+    record.setdefault("epoch", index + 1)  # logs that lack it: by position
+    by_epoch[record["epoch"]] = record
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def stage_config(workdir: str, stage: str) -> dict[str, Any] | None:
+  """The flat config of one stage (``<stage>/config.json``, written by
+  training when the stage starts); None when there is none."""
+  own = _read_json(os.path.join(workdir, stage, "config.json"))
+  return None if own is None else config_lib.flatten(own)
+
+
+def load_runs(workdirs: Iterable[str]) -> list[StageRun]:
+  """Every stage with eval records in ``workdirs``, finished or not."""
+  runs = []
+  for workdir in workdirs:
+    for path in sorted(glob.glob(os.path.join(workdir, "*", "metrics.jsonl"))):
+      history = eval_history(path)
+      if history:
+        stage = os.path.basename(os.path.dirname(path))
+        runs.append(StageRun(workdir, stage, history,
+                             stage_config(workdir, stage)))
+  return runs
+
+
+def _ignored(key: str, ignore: Iterable[str]) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in ignore)
+
+
+def check_configs(runs: Sequence[StageRun],
+                  ignore: Iterable[str] = IGNORED_KEYS) -> None:
+  """Raises :class:`ConfigMismatchError` (a one-line message naming the
+  stage, the keys, their values and the workdirs) when runs of one stage
+  differ in a key that is not ignored."""
+  by_stage: dict[str, list[StageRun]] = {}
+  for run in runs:
+    by_stage.setdefault(run.stage, []).append(run)
+  for stage, group in by_stage.items():
+    skip = tuple(ignore)
+    if not any(_uses_slts((r.config or {}).get("method")) for r in group):
+      skip += ("slkd",)  # unused by methods without SL-Ts
+    keys = sorted({k for r in group for k in r.config or {}})
+    differing = [k for k in keys if not _ignored(k, skip) and len(
+        {_value(r, k) for r in group}) > 1]
+    if differing:
+      details = "; ".join(f"{k} ({_values_by_workdir(group, k)})"
+                          for k in differing)
+      raise ConfigMismatchError(
+          f"stage {stage!r}: the runs differ in more than the seed, not "
+          f"averaging them: {details} (--ignore KEY if a key does not matter)")
+
+
+def _canonical(value: Any) -> Any:
+  # 4 and 4.0 are the same setting (a command-line override may give either).
+  if isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(value, list):
+    return [_canonical(v) for v in value]
+  return value
+
+
+def _value(run: StageRun, key: str) -> str:
+  """``key``'s value in ``run``'s config as comparable text."""
+  return json.dumps(_canonical((run.config or {}).get(key, _ABSENT)))
+
+
+def _values_by_workdir(runs: Sequence[StageRun], key: str) -> str:
+  """``"4.0: runs/a, runs/b vs 2.0: runs/c"``."""
+  groups: dict[str, list[str]] = {}
+  for run in runs:
+    groups.setdefault(_value(run, key), []).append(run.workdir)
+  return " vs ".join(f"{v}: {', '.join(w)}" for v, w in groups.items())
+
+
+def aggregate(runs: Sequence[StageRun]) -> list[dict]:
+  """One row per stage: mean ± std over the finished ``runs`` of best/last
+  top-1 (unfinished runs are skipped)."""
+  per_stage: dict[str, list[StageRun]] = {}
+  for run in runs:
+    if run.finished:
+      per_stage.setdefault(run.stage, []).append(run)
   rows = []
-  for stage, histories in per_stage.items():
-    row = {"stage": stage, "runs": len(histories)}
+  for stage, group in per_stage.items():
+    histories = [r.result for r in group]
+    row = {"stage": stage, "runs": len(group),
+           "seeds": ",".join(str(r.config.get("seed")) for r in group)}
     for label, key, pick in (("best top-1", "student/top1", 0),
                              ("last top-1", "student/top1", 2),
                              ("fused SL-T best", "slt_fused/top1", 0),
@@ -49,22 +240,85 @@ def aggregate(workdirs: list[str]) -> list[dict]:
   return rows
 
 
+def seed_warnings(runs: Sequence[StageRun]) -> list[str]:
+  """Warnings for finished runs of a stage sharing a seed: they are not
+  independent samples, so the std understates the spread."""
+  warnings, seen = [], {}
+  for run in runs:
+    if not run.finished:
+      continue
+    key = (run.stage, json.dumps(run.config.get("seed")))
+    if key in seen:
+      warnings.append(f"warning: stage {run.stage!r}: {seen[key]} and "
+                      f"{run.workdir} have the same seed {key[1]}")
+    else:
+      seen[key] = run.workdir
+  return warnings
+
+
+def unfinished_lines(runs: Sequence[StageRun]) -> list[str]:
+  """One marked line per unfinished stage, with the last epoch it reached."""
+  lines = []
+  for run in runs:
+    if run.finished:
+      continue
+    if run.config is None:
+      target = "? (no config.json)"
+    elif run.num_epochs is None:
+      target = "? (no num_epochs in its config)"
+    else:
+      target = str(run.num_epochs)
+    lines.append(f"  [unfinished] {run.workdir} {run.stage}: "
+                 f"epoch {run.last_epoch}/{target}")
+  return lines
+
+
+COLUMNS = ["stage", "runs", "seeds", "best top-1", "last top-1",
+           "fused SL-T best", "teacher top-1"]
+
+
 def main(argv: list[str] | None = None) -> int:
+  """The CLI: prints the table; returns 2 (with one line on stderr) when
+  there is nothing to report or the runs' configs differ."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("workdirs", nargs="+", help="finished run workdirs")
+  parser.add_argument("workdirs", nargs="+", help="run workdirs (one a seed)")
+  parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                      help="a further config key (dotted) that may differ "
+                      "between runs; always ignored: "
+                      + ", ".join(IGNORED_KEYS))
   args = parser.parse_args(argv)
   missing = [w for w in args.workdirs if not os.path.isdir(w)]
   if missing:
     print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
     return 2
-  rows = aggregate(args.workdirs)
-  if not rows:
-    print("error: no evaluated stage found (metrics.jsonl with eval records) "
-          f"in {', '.join(args.workdirs)}", file=sys.stderr)
+  workdirs, warnings = unique_workdirs(args.workdirs)
+  for warning in warnings:
+    print(warning, file=sys.stderr)
+  runs = load_runs(workdirs)
+  try:
+    check_configs([r for r in runs if r.finished],
+                  IGNORED_KEYS + tuple(args.ignore))
+  except ConfigMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  print(metrics.summary_table(rows, ["stage", "runs", "best top-1",
-                                     "last top-1", "fused SL-T best",
-                                     "teacher top-1"]))
+  for warning in seed_warnings(runs):
+    print(warning, file=sys.stderr)
+  return _print_report(runs, workdirs)
+
+
+def _print_report(runs: Sequence[StageRun], workdirs: Sequence[str]) -> int:
+  rows, unfinished = aggregate(runs), unfinished_lines(runs)
+  if rows:
+    print(metrics.summary_table(rows, COLUMNS))
+  if unfinished:
+    print(("\n" if rows else "") +
+          "Unfinished stages, not in any mean (last eval epoch/num_epochs):")
+    print("\n".join(unfinished))
+  if not rows:
+    what = "finished stage" if runs else (
+        "evaluated stage (metrics.jsonl with eval records)")
+    print(f"error: no {what} in {', '.join(workdirs)}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -6,13 +6,18 @@ A run is a short list of *stages* in one workdir:
    method needs a teacher: the teacher architecture trained with CE (the
    reference teacher recipe).
 2. ``<method>`` — the distillation stage of ``config.method``, then one stage
-   per method of ``config.compare_with``, all from the same frozen teacher.
+   per method of ``config.compare_with``, all from the same frozen teacher
+   (stored once in ``workdir/frozen_teacher``), each with its own method's
+   recipe (:func:`slkd_jax.config.stage_config`).
 
-Each stage lives in ``workdir/<stage>/`` (``checkpoints/``, ``metrics.jsonl``,
-``tensorboard/``, ``plots/``, ``summary.md``) and resumes automatically from
-its latest checkpoint; a finished stage is skipped. Everything with side
-effects (I/O, logging, signals) is here; the numerics live in
-:mod:`slkd_jax.train_step`.
+Each stage lives in ``workdir/<stage>/``: ``config.json`` (the stage's
+effective config), ``checkpoints/`` (the latest ones), ``best/`` (the
+best epoch's state), ``best_model/`` and ``final_model/`` (the trained
+network alone, :mod:`slkd_jax.artifact`), ``metrics.jsonl``,
+``tensorboard/``, ``plots/`` and ``summary.md``. A stage resumes from its
+latest checkpoint, refusing a config whose meaning changed; a finished stage
+is skipped. Everything with side effects (I/O, logging, signals) is here;
+the numerics live in :mod:`slkd_jax.train_step`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 from typing import Any
 
 import jax
@@ -28,20 +32,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from slkd_jax import checkpoint, methods, metrics, parallel, train_step
+from slkd_jax import (artifact, checkpoint, methods, metrics, parallel,
+                      preemption, teachers, train_step)
 from slkd_jax import config as config_lib
 from slkd_jax import data as data_lib
 from slkd_jax import state as state_lib
+from slkd_jax.errors import ConfigError, NonFiniteLossError
+from slkd_jax.preemption import Preempted
 
-TEACHER_STAGE = "teacher"
+TEACHER_STAGE = config_lib.TEACHER_STAGE
+stage_config = config_lib.stage_config
 
-
-class Preempted(Exception):
-  """Training stopped on SIGTERM after saving a checkpoint."""
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN/Inf; the message names the step and the term."""
+__all__ = ["NonFiniteLossError", "Preempted", "StageResult", "run",
+           "run_stage", "evaluate", "stage_config"]
 
 
 @dataclasses.dataclass
@@ -53,63 +56,29 @@ class StageResult:
   history: list[dict[str, Any]]
 
 
-# ---------------------------------------------------------------------------
-# Signals: SIGTERM (SLURM preemption, `kill`) asks the loop to save and stop.
+@dataclasses.dataclass
+class _Loop:
+  """What the epoch loop of one stage works with (built once per stage)."""
+  config: ml_collections.ConfigDict
+  name: str
+  stage_dir: str
+  mesh: Any
+  train_data: Any
+  eval_data: Any
+  ckpt: checkpoint.Checkpointer
+  best_ckpt: checkpoint.Checkpointer
+  stop: preemption.StopAgreement
+  history: list[dict[str, Any]]
 
-
-class _StopFlag:
-  requested = False
-
-  @classmethod
-  def handler(cls, signum, frame):
-    del frame
-    logging.warning("signal %d received: saving a checkpoint and stopping",
-                    signum)
-    cls.requested = True
-
-
-def _install_signal_handlers() -> None:
-  _StopFlag.requested = False
-  try:
-    signal.signal(signal.SIGTERM, _StopFlag.handler)
-  except ValueError:
-    pass  # not the main thread (e.g. a notebook worker): no handler.
-
-
-def _stop_agreed(check_now: bool) -> bool:
-  """Whether every process should stop now. Across processes the flag is
-  all-gathered (only at ``check_now`` steps, to keep the hot loop free of
-  collectives), so all of them stop at the same step."""
-  if jax.process_count() == 1:
-    return _StopFlag.requested
-  if not check_now:
-    return False
-  from jax.experimental import multihost_utils
-  flags = multihost_utils.process_allgather(np.asarray(_StopFlag.requested))
-  return bool(np.any(flags))
+  def meta(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch,
+            "history": self.history, "stage": self.name,
+            "method": self.config.method,
+            "config": json.loads(self.config.to_json_best_effort())}
 
 
 # ---------------------------------------------------------------------------
-# Configs of the stages.
-
-
-def stage_config(config: ml_collections.ConfigDict, method: str
-                 ) -> ml_collections.ConfigDict:
-  """The config of one stage: ``config`` with ``method`` set, or for the
-  teacher stage the teacher architecture trained with CE on its recipe."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  if method == TEACHER_STAGE:
-    c.method = "ce"
-    c.student.arch = config.teacher.arch
-    c.num_epochs = config.teacher.num_epochs
-    c.optim.learning_rate = config.teacher.learning_rate
-  else:
-    c.method = method
-  return c
-
-
-# ---------------------------------------------------------------------------
-# Evaluation.
+# Evaluation and metrics.
 
 
 def evaluate(eval_fn, state, eval_data) -> dict[str, float]:
@@ -138,24 +107,21 @@ def _add(a, b):
   return jax.tree.map(lambda x, y: x + y, a, b)
 
 
-def _check_finite(step: int, averages: dict[str, Any], stage: str,
-                  ckpt: checkpoint.Checkpointer) -> None:
+def _check_finite(step: int, averages: dict[str, Any], loop: _Loop) -> None:
   bad = [k for k, v in averages.items()
          if not np.all(np.isfinite(np.asarray(v, np.float64)))]
-  if bad:
-    ckpt.wait()  # the last good checkpoint must be complete on disk
-    saved_steps = ckpt.all_steps()
-    checkpoint_dir = ckpt.directory
-    last = saved_steps[-1] if saved_steps else None
-    raise NonFiniteLossError(
-        f"stage {stage!r}: non-finite {', '.join(sorted(bad))} at step {step}. "
-        f"The last good checkpoint is step {last} in {checkpoint_dir} (none "
-        f"is written after a non-finite loss). Lower optim.learning_rate or "
-        f"check the data, then rerun the same command to resume from it."
-        if last is not None else
-        f"stage {stage!r}: non-finite {', '.join(sorted(bad))} at step {step}, "
-        f"before the first checkpoint. Lower optim.learning_rate or check the "
-        f"data.")
+  if not bad:
+    return
+  loop.ckpt.wait()  # the last good checkpoint must be complete on disk
+  steps = loop.ckpt.all_steps()
+  where = (f"The last good checkpoint is step {steps[-1]} in "
+           f"{loop.ckpt.directory} (none is written after a non-finite "
+           f"loss). Lower optim.learning_rate or check the data, then rerun "
+           f"the same command to resume from it." if steps else
+           "before the first checkpoint. Lower optim.learning_rate or check "
+           "the data.")
+  raise NonFiniteLossError(f"stage {loop.name!r}: non-finite "
+                           f"{', '.join(sorted(bad))} at step {step}. {where}")
 
 
 def _flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -176,98 +142,196 @@ def _flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
 # One stage.
 
 
+def _check_resume_config(loop: _Loop, saved: dict[str, Any]) -> None:
+  conflicts, accepted = config_lib.resume_changes(saved, loop.config)
+  if conflicts:
+    changes = ", ".join(f"{k}: {old!r} -> {new!r}"
+                        for k, (old, new) in conflicts.items())
+    raise ConfigError(
+        f"stage {loop.name!r} in {loop.stage_dir} was started with another "
+        f"config ({changes}); set these back to resume it, or use a new "
+        f"--workdir")
+  for key, (old, new) in accepted.items():
+    logging.info("stage %s: %s changed from %r to %r since the checkpoint",
+                 loop.name, key, old, new)
+
+
+def _restore(loop: _Loop, state) -> tuple[Any, int, int]:
+  """Resume from the stage's latest checkpoint: ``(state, epoch,
+  step_in_epoch)``; a fresh start when there is none.
+
+  Raises:
+    ConfigError: the checkpoint was written under a config whose meaning
+      differs (architecture, batch size, recipe, ...): named in one line.
+  """
+  saved = loop.ckpt.latest_meta()
+  if saved is not None:  # before the state: another arch has other shapes
+    _check_resume_config(loop, saved["config"])
+  restored = loop.ckpt.restore_latest(
+      checkpoint.abstract_like(state.replace(teacher=None), loop.mesh))
+  if restored is None:
+    return state, 0, 0
+  trainable, meta = restored
+  if saved is None or meta["config"] != saved["config"]:
+    _check_resume_config(loop, meta["config"])
+  loop.history[:] = meta["history"]
+  epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+  logging.info("stage %s: resumed at epoch %d, step %d (global step %d)",
+               loop.name, epoch + 1, step_in_epoch,
+               int(jax.device_get(trainable.step)))
+  return trainable.replace(teacher=state.teacher), epoch, step_in_epoch
+
+
+def _train_epoch(loop: _Loop, step_fn, state, epoch: int, start_step: int,
+                 writer, bar):
+  """Train one epoch from ``start_step``; returns ``(state, averages of the
+  logged train metrics)``.
+
+  Raises:
+    Preempted: a stop was agreed; a checkpoint was saved first.
+    NonFiniteLossError: a loss term became NaN/Inf.
+  """
+  hp = methods.make_hparams(loop.config, epoch + 1)
+  steps_per_epoch = loop.train_data.steps_per_epoch
+  global_step = epoch * steps_per_epoch + start_step
+  log_every = loop.config.log_every_steps
+  window, window_steps, epoch_sums, epoch_steps = None, 0, {}, 0
+  for step_in_epoch, batch in enumerate(
+      loop.train_data.epoch(epoch, start_step), start_step):
+    state, step_metrics = step_fn(state, batch, hp)
+    global_step += 1
+    window = step_metrics if window is None else _add(window, step_metrics)
+    window_steps += 1
+    stop = loop.stop.should_stop(global_step)
+    if ((step_in_epoch + 1) % log_every == 0 or stop
+        or step_in_epoch + 1 == steps_per_epoch):
+      sums = _flatten_metrics(jax.device_get(window))
+      averages = {k: v / window_steps for k, v in sums.items()}
+      _check_finite(global_step, averages, loop)  # before any save
+      for k, v in sums.items():
+        epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+      epoch_steps += window_steps
+      writer.write(global_step, averages, prefix="train/", epoch=epoch + 1,
+                   stage=loop.name)
+      bar.update(global_step, images_per_step=loop.train_data.batch_size,
+                 loss=averages["loss"])
+      window, window_steps = None, 0
+    if stop:
+      loop.ckpt.save(global_step, state.replace(teacher=None),
+                     loop.meta(epoch, step_in_epoch + 1))
+      loop.ckpt.wait()
+      raise Preempted(f"stage {loop.name}: stopped at step {global_step} "
+                      f"after saving a checkpoint; rerun the same command "
+                      f"to resume")
+  return state, {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
+
+
+def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
+                  writer) -> None:
+  """Evaluate, record, and save the checkpoint / best state as due."""
+  config, is_main = loop.config, jax.process_index() == 0
+  global_step = epoch * loop.train_data.steps_per_epoch
+  record = {"epoch": epoch, **evaluate(eval_fn, state, loop.eval_data)}
+  record.update({k: v for k, v in train_means.items()
+                 if k in ("loss", "kl_student_teacher", "kl_student_fused")})
+  loop.history.append(record)
+  writer.write(global_step, record, prefix="eval/", epoch=epoch,
+               stage=loop.name)
+  logging.info("stage %s epoch %d/%d: %s", loop.name, epoch, config.num_epochs,
+               _eval_line(record))
+  trainable = state.replace(teacher=None)
+  if epoch % config.checkpoint_every_epochs == 0 or (
+      epoch == config.num_epochs):
+    loop.ckpt.save(global_step, trainable, loop.meta(epoch, 0))
+  if metrics.best_and_last(loop.history, "student/top1")[1] == epoch:
+    # One save at a time: concurrent async saves of two managers at the same
+    # step collide in orbax's multi-process barriers.
+    loop.ckpt.wait()
+    loop.best_ckpt.save(global_step, trainable, loop.meta(epoch, 0))
+    loop.best_ckpt.wait()
+    if is_main:
+      _save_model(loop, state, "best_model", epoch, record)
+  if is_main:
+    metrics.plot_history(loop.history, os.path.join(loop.stage_dir, "plots"))
+
+
+def _save_model(loop: _Loop, state, name: str, epoch: int, record) -> None:
+  """The stage's trained network alone (loadable as a teacher)."""
+  artifact.save(os.path.join(loop.stage_dir, name), state.student.variables,
+                arch=loop.config.student.arch,
+                num_classes=loop.config.data.num_classes,
+                source={"stage": loop.name, "method": loop.config.method,
+                        "epoch": epoch},
+                top1=record.get("student/top1"),
+                top5=record.get("student/top5"))
+
+
 def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
               mesh, train_data, eval_data,
-              teacher: state_lib.ModelState | None) -> StageResult:
+              teacher: state_lib.ModelState | None,
+              stop: preemption.StopAgreement) -> StageResult:
   """Train ``config.method`` for ``config.num_epochs``, resuming if possible.
 
   Raises:
-    Preempted: SIGTERM arrived; a checkpoint was saved.
+    Preempted: a stop signal arrived; a checkpoint was saved.
     NonFiniteLossError: a loss term became NaN/Inf.
+    ConfigError: the stage's checkpoint belongs to a different config.
   """
   is_main = jax.process_index() == 0
-  nets = state_lib.build_networks(config)
-  state = state_lib.create_state(config, mesh, teacher)
-  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
-                                 config.keep_checkpoints)
-  epoch, start_step, history = 0, 0, []
-  restored = ckpt.restore_latest(checkpoint.abstract_like(state, mesh))
-  if restored is not None:
-    state, meta = restored
-    epoch, start_step = meta["epoch"], meta["step_in_epoch"]
-    history = meta["history"]
-    logging.info("stage %s: resumed at epoch %d, step %d (global step %d)",
-                 name, epoch + 1, start_step, int(jax.device_get(state.step)))
-  if epoch >= config.num_epochs:
-    ckpt.close()
-    return StageResult(name, config.method, state, history)
+  loop = _Loop(config, name, stage_dir, mesh, train_data, eval_data,
+               checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                       config.keep_checkpoints),
+               checkpoint.Checkpointer(os.path.join(stage_dir, "best"), 1),
+               stop, [])
+  try:
+    state, epoch, start_step = _restore(
+        loop, state_lib.create_state(config, mesh, teacher))
+    trains = epoch < config.num_epochs
+    if trains:
+      state = _train_stage(loop, state, epoch, start_step)
+  finally:
+    loop.ckpt.close()
+    loop.best_ckpt.close()
+  if is_main:
+    if trains or not artifact.is_artifact(
+        os.path.join(stage_dir, "final_model")):
+      _save_model(loop, state, "final_model", config.num_epochs,
+                  loop.history[-1] if loop.history else {})
+    _write_stage_summary(stage_dir, name, loop.history)
+  return StageResult(name, config.method, state, loop.history)
 
-  step_fn = train_step.make_train_step(config, mesh, nets)
-  eval_fn = train_step.make_eval_step(config, mesh, nets)
-  writer = metrics.MetricWriter(stage_dir, enabled=is_main)
-  steps_per_epoch = train_data.steps_per_epoch
+
+def _train_stage(loop: _Loop, state, epoch: int, start_step: int):
+  """The epoch loop of a stage from ``(epoch, start_step)`` to the end."""
+  config, is_main = loop.config, jax.process_index() == 0
+  steps_per_epoch = loop.train_data.steps_per_epoch
   global_step = epoch * steps_per_epoch + start_step
-  bar = metrics.ProgressBar(config.num_epochs * steps_per_epoch, desc=name,
-                            enabled=is_main, initial_step=global_step)
-  log_every = max(1, config.log_every_steps)
-
-  def meta(epoch_, step_in_epoch):
-    return {"epoch": epoch_, "step_in_epoch": step_in_epoch,
-            "history": history, "stage": name, "method": config.method,
-            "config": json.loads(config.to_json_best_effort())}
-
+  if is_main:
+    dropped = metrics.truncate_jsonl(
+        os.path.join(loop.stage_dir, "metrics.jsonl"), global_step)
+    if dropped:
+      logging.info("stage %s: dropped %d metric records of steps after the "
+                   "checkpoint (step %d)", loop.name, dropped, global_step)
+    with open(os.path.join(loop.stage_dir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("stage %s (%s): loss settings %s", loop.name, config.method,
+               dict(config.loss))
+  step_fn = train_step.make_train_step(config, loop.mesh)
+  eval_fn = train_step.make_eval_step(config, loop.mesh)
+  writer = metrics.MetricWriter(loop.stage_dir, enabled=is_main)
+  bar = metrics.ProgressBar(config.num_epochs * steps_per_epoch,
+                            desc=loop.name, enabled=is_main,
+                            initial_step=global_step)
   try:
     while epoch < config.num_epochs:
-      hp = methods.make_hparams(config, epoch + 1)
-      window, window_steps, epoch_sums, epoch_steps = None, 0, {}, 0
-      for step_in_epoch, batch in enumerate(
-          train_data.epoch(epoch, start_step), start_step):
-        state, step_metrics = step_fn(state, batch, hp)
-        global_step += 1
-        window = step_metrics if window is None else _add(window, step_metrics)
-        window_steps += 1
-        last_of_epoch = step_in_epoch + 1 == steps_per_epoch
-        log_now = (step_in_epoch + 1) % log_every == 0 or last_of_epoch
-        if log_now:
-          sums = _flatten_metrics(jax.device_get(window))
-          averages = {k: v / window_steps for k, v in sums.items()}
-          _check_finite(global_step, averages, name, ckpt)
-          for k, v in sums.items():
-            epoch_sums[k] = epoch_sums.get(k, 0.0) + v
-          epoch_steps += window_steps
-          writer.write(global_step, averages, prefix="train/",
-                       epoch=epoch + 1, stage=name)
-          bar.update(global_step, images_per_step=train_data.batch_size,
-                     loss=averages["loss"])
-          window, window_steps = None, 0
-        if _stop_agreed(check_now=log_now):
-          ckpt.save(global_step, state, meta(epoch, step_in_epoch + 1))
-          ckpt.wait()
-          raise Preempted(f"stage {name}: stopped at step {global_step}; "
-                          f"rerun the same command to resume")
-      start_step = 0
-      epoch += 1
-      record = {"epoch": epoch, **evaluate(eval_fn, state, eval_data)}
-      record.update({k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()
-                     if k in ("loss", "kl_student_teacher",
-                              "kl_student_fused")})
-      history.append(record)
-      writer.write(global_step, record, prefix="eval/", epoch=epoch,
-                   stage=name)
-      logging.info("stage %s epoch %d/%d: %s", name, epoch, config.num_epochs,
-                   _eval_line(record))
-      if epoch % config.checkpoint_every_epochs == 0 or (
-          epoch == config.num_epochs):
-        ckpt.save(global_step, state, meta(epoch, 0))
-      if is_main:
-        metrics.plot_history(history, os.path.join(stage_dir, "plots"))
+      state, train_means = _train_epoch(loop, step_fn, state, epoch,
+                                        start_step, writer, bar)
+      start_step, epoch = 0, epoch + 1
+      _end_of_epoch(loop, eval_fn, state, epoch, train_means, writer)
   finally:
     bar.close()
     writer.close()
-    ckpt.close()
-  if is_main:
-    _write_stage_summary(stage_dir, name, history)
-  return StageResult(name, config.method, state, history)
+  return state
 
 
 def _eval_line(record: dict[str, Any]) -> str:
@@ -303,70 +367,73 @@ def _write_stage_summary(stage_dir: str, name: str,
 
 
 # ---------------------------------------------------------------------------
-# The teacher.
-
-
-def _teacher_from_workdir(path: str, config, mesh) -> state_lib.ModelState:
-  """The finished teacher stage of a previous run's workdir."""
-  cfg = stage_config(config, TEACHER_STAGE)
-  target = checkpoint.abstract_like(
-      state_lib.create_state(cfg, mesh, None), mesh)
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(path, TEACHER_STAGE, "checkpoints"))
-  try:
-    restored = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
-  if restored is None or restored[1]["epoch"] < restored[1]["config"][
-      "num_epochs"]:
-    raise ValueError(
-        f"config.teacher.checkpoint={path!r}: that workdir's teacher stage "
-        f"has not finished; resume it (run with --workdir={path}) first")
-  student = restored[0].student
-  return state_lib.ModelState(student.params, student.batch_stats)
-
-
-def load_teacher(config, mesh) -> state_lib.ModelState:
-  """The frozen teacher named by ``config.teacher.checkpoint``: a previous
-  slkd_jax workdir, a teacher converted by :mod:`slkd_jax.convert_torch`, or
-  a PyTorch ``.pth`` file (converted on the fly)."""
-  path = config.teacher.checkpoint
-  if os.path.isdir(os.path.join(path, TEACHER_STAGE, "checkpoints")):
-    return _teacher_from_workdir(path, config, mesh)
-  from slkd_jax import convert_torch
-  variables, meta = convert_torch.load_teacher(
-      path, config.teacher.arch, config.data.num_classes)
-  logging.info("teacher %s loaded from %s", meta["arch"], path)
-  return jax.device_put(
-      state_lib.ModelState(variables["params"], variables["batch_stats"]),
-      parallel.replicated(mesh))
-
-
-# ---------------------------------------------------------------------------
 # The run.
+
+
+def check_workdir(workdir: str | None) -> str:
+  """The absolute workdir, created if needed; a clear error when it cannot
+  be used."""
+  if not workdir or not workdir.strip():
+    raise ConfigError("--workdir is empty: give the directory for "
+                      "checkpoints and metrics")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+  if jax.process_index() == 0:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"cannot create --workdir={workdir} "
+                        f"({e.strerror or e})") from None
+    checkpoint.check_writable(workdir)
+  return workdir
 
 
 def _check_data(config, train_data) -> None:
   if train_data.num_classes != config.data.num_classes:
-    raise ValueError(
+    raise ConfigError(
         f"config.data.num_classes={config.data.num_classes} but dataset "
         f"{config.data.name!r} has {train_data.num_classes} classes")
   expected = state_lib.image_shape(config)
   if tuple(train_data.image_shape) != expected:
-    raise ValueError(
+    raise ConfigError(
         f"config.data.image_size={config.data.image_size} but dataset "
         f"{config.data.name!r} yields images of shape "
         f"{tuple(train_data.image_shape)}")
+
+
+def _teacher(config, workdir, mesh, data, stop, results):
+  """The frozen teacher of the distillation stages: the workdir's copy, or
+  the teacher stage's result, or ``config.teacher.checkpoint``; stored in
+  the workdir the first time."""
+  frozen = teachers.load_frozen(workdir, config, mesh)
+  stage_dir = os.path.join(workdir, TEACHER_STAGE)
+  if config.teacher.checkpoint is None and (
+      frozen is None or os.path.isdir(stage_dir)):
+    # Finished: restored and skipped. Its history feeds the final table.
+    results[TEACHER_STAGE] = run_stage(
+        stage_config(config, TEACHER_STAGE), TEACHER_STAGE, stage_dir, mesh,
+        *data, None, stop)
+  if frozen is not None:
+    return frozen
+  if config.teacher.checkpoint is None:
+    student = results[TEACHER_STAGE].state.student
+    teacher = state_lib.ModelState(student.params, student.batch_stats)
+  else:
+    teacher = teachers.load_checkpoint(config, mesh)
+  teachers.save_frozen(workdir, teacher, config)
+  return teacher
 
 
 def run(config: ml_collections.ConfigDict, workdir: str
         ) -> dict[str, StageResult]:
   """Run every stage of ``config`` in ``workdir``; resume where it stopped.
 
-  Returns the finished stages by name. On SIGTERM it saves, logs how to
-  resume, and raises :class:`Preempted`.
+  Returns the finished stages by name. On SIGTERM/SIGINT it saves, logs how
+  to resume, and raises :class:`Preempted`.
   """
   config_lib.validate(config)
+  workdir = check_workdir(workdir)
   mesh = parallel.make_mesh()
   for key in ("batch_size", "eval_batch_size"):
     parallel.check_global_batch(config[key], mesh, key)
@@ -375,42 +442,41 @@ def run(config: ml_collections.ConfigDict, workdir: str
       "%d = %d per device", jax.process_count(), jax.process_index(),
       mesh.size, jax.local_device_count(), jax.devices()[0].platform,
       config.batch_size, config.batch_size // mesh.size)
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  for key, value in methods.loss_overrides(config).items():
+    logging.info("loss.%s=%r overrides the recipe of every stage", key, value)
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    _write_run_config(config, workdir)  # rewritten when the run succeeds
 
-  train_data, eval_data = data_lib.create_datasets(
+  data = data_lib.create_datasets(
       config.data, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
-  _check_data(config, train_data)
-  _install_signal_handlers()
+  _check_data(config, data[0])
+  stop = preemption.StopAgreement(preemption.StopSignal().install(),
+                                  config.preemption_check_seconds)
 
-  stage_methods = [config.method, *config.compare_with]
+  stages = config_lib.stage_methods(config)
   results: dict[str, StageResult] = {}
   teacher = None
-  if any(methods.get(m).uses_teacher for m in stage_methods):
-    if config.teacher.checkpoint is None:
-      results[TEACHER_STAGE] = run_stage(
-          stage_config(config, TEACHER_STAGE), TEACHER_STAGE,
-          os.path.join(workdir, TEACHER_STAGE), mesh, train_data, eval_data,
-          None)
-      student = results[TEACHER_STAGE].state.student
-      teacher = state_lib.ModelState(student.params, student.batch_stats)
-    else:
-      teacher = load_teacher(config, mesh)
-  for method in stage_methods:
+  if any(methods.get(m).uses_teacher for m in stages):
+    teacher = _teacher(config, workdir, mesh, data, stop, results)
+  for method in stages:
     results[method] = run_stage(stage_config(config, method), method,
-                                os.path.join(workdir, method), mesh,
-                                train_data, eval_data, teacher)
-  if is_main:
+                                os.path.join(workdir, method), mesh, *data,
+                                teacher, stop)
+  _write_run_config(config, workdir)
+  if jax.process_index() == 0:
     table = comparison_table(results)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     print(table, flush=True)
   parallel.sync_processes("slkd_jax.train.run")
   return results
+
+
+def _write_run_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
 
 def comparison_table(results: dict[str, StageResult]) -> str:

@@ -12,7 +12,7 @@ The K SL-Ts are applied either with ``jax.vmap`` over their stacked state or
 by an unrolled loop over the leading axis (``config.slkd.ensemble``); both
 compute the same function. vmap turns every conv into a grouped conv with
 batched kernels, which XLA:CPU runs ~8× slower than K dense convs (measured,
-JAX_NOTES.md), hence the unrolled default; ``benchmarks/`` measures GPUs.
+docs/notes.md), hence the unrolled default; ``benchmarks/`` measures GPUs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from slkd_jax import losses, methods, optim, parallel
+from slkd_jax.models.layers import param_dtype
 from slkd_jax.methods import HParams, Logits
 from slkd_jax.state import (DistillState, ModelState, Networks, TrainState,
                             build_networks, make_optimizer)
@@ -276,7 +277,8 @@ def build_eval_step(config, nets: Networks | None = None
     if method.uses_slts:
       z_k, _ = apply_ensemble(nets.slt, state.slts, images, train=False,
                               mask=None, impl=impl)
-      fusion = jnp.asarray(methods.fusion_weights(config), jnp.float32)
+      fusion = jnp.asarray(methods.fusion_weights(config),
+                           param_dtype(config.dtype))
       networks["slt_fused"] = losses.fuse_logits(z_k, fusion)
       per_slt = jax.vmap(sums, (0, None, None))(z_k, labels, weights)
       out.update({f"slt/{k}": v for k, v in per_slt.items()})

@@ -1,5 +1,5 @@
 """Smoke tests of the step benchmarks (benchmarks/): they run, print the JSON
-lines scripts rely on, and the PyTorch side computes what SPEC.md says.
+lines scripts rely on, and the PyTorch side computes what docs/method.md says.
 
 No timing assertions: each script runs 2 steps on the smallest (smoke) pair
 with --xla-fast-compile, so CI keeps them working in about a minute.
@@ -159,14 +159,14 @@ def _jax_param_count(arch: str) -> int:
                                          for a in (p.teacher, p.student)}))
 def test_torch_twins_have_the_spec_parameter_counts(arch):
   from benchmarks import torch_models
-  expected = torch_models.SPEC_PARAM_COUNTS[arch]
+  expected = torch_models.REFERENCE_PARAM_COUNTS[arch]
   assert torch_models.num_params(torch_models.create(arch)) == expected
   assert _jax_param_count(arch) == expected  # both sides: the same networks
 
 
 @needs_torch
 def test_torch_step_loss_matches_the_spec_worked_example():
-  """SPEC.md section 2's example: total loss and the reference gradients
+  """docs/method.md §2's example: total loss and the reference gradients
   (z_c not detached)."""
   import torch
   from benchmarks.torch_reference import step_loss

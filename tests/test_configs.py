@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from slkd_jax import config as config_lib
+from slkd_jax import errors
 from slkd_jax import data, methods
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -88,11 +89,13 @@ def test_cifar_default():
   c = cifar.get_config()
   assert (c.teacher.arch, c.student.arch) == ("resnet32x4", "resnet8x4")
   assert c.method == "slkd" and c.slkd.num_slts == 2
-  assert c.loss.temperature == 4.0
-  assert (c.loss.ce_weight, c.loss.kd_weight) == (0.1, 0.9)
-  assert (c.loss.fused_weight, c.loss.fused_ce_weight,
-          c.loss.fused_kd_weight) == (1.0, 1.0, 1.0)
-  assert c.loss.slt_ce_weight is None and c.loss.slt_kd_weight is None
+  loss = methods.loss_settings(c)
+  assert loss.temperature == 4.0
+  assert (loss.ce_weight, loss.kd_weight) == (0.1, 0.9)
+  assert (loss.fused_weight, loss.fused_ce_weight,
+          loss.fused_kd_weight) == (1.0, 1.0, 1.0)
+  assert loss.slt_ce_weight is None and loss.slt_kd_weight is None
+  assert not methods.loss_overrides(c)
   assert c.optim.learning_rate == 0.05
   assert c.batch_size == 64 and c.num_epochs == 240
   assert tuple(c.optim.decay_epochs) == (150, 180, 210)
@@ -124,16 +127,18 @@ def test_cifar_mobile_students_use_low_lr():
 def test_cifar_dkd_beta_per_pair(pair, beta):
   c = cifar.get_config(f"{pair},dkd")
   assert c.method == "dkd"
-  assert c.loss.dkd_beta == beta
-  assert (c.loss.ce_weight, c.loss.dkd_alpha) == (1.0, 1.0)
-  assert (c.loss.temperature, c.loss.dkd_warmup) == (4.0, 20.0)
+  loss = methods.loss_settings(c)
+  assert loss.dkd_beta == beta
+  assert (loss.ce_weight, loss.dkd_alpha) == (1.0, 1.0)
+  assert (loss.temperature, loss.dkd_warmup) == (4.0, 20.0)
 
 
 def test_cifar_method_weights():
-  assert cifar.get_config("resnet56-resnet8,ce").loss.ce_weight == 1.0
+  c = cifar.get_config("resnet56-resnet8,ce")
+  assert methods.loss_settings(c).ce_weight == 1.0
   for method in ("kd", "slkd_t_only", "slkd_slt_only", "slkd_seq"):
-    c = cifar.get_config(f"vgg13-vgg8,{method}")
-    assert (c.loss.temperature, c.loss.ce_weight, c.loss.kd_weight) == (
+    loss = methods.loss_settings(cifar.get_config(f"vgg13-vgg8,{method}"))
+    assert (loss.temperature, loss.ce_weight, loss.kd_weight) == (
         4.0, 0.1, 0.9), method
 
 
@@ -149,18 +154,19 @@ def test_imagenet_recipe():
   assert tuple(c.optim.decay_epochs) == (30, 60, 90)
   assert c.optim.decay_rate == 0.1
   assert c.optim.weight_decay == 1e-4 and c.optim.momentum == 0.9
-  assert c.loss.temperature == 1.0
-  assert (c.loss.ce_weight, c.loss.kd_weight) == (0.5, 0.5)
+  loss = methods.loss_settings(c)
+  assert loss.temperature == 1.0
+  assert (loss.ce_weight, loss.kd_weight) == (0.5, 0.5)
   assert c.dtype == "bfloat16"
   assert c.eval_batch_size >= 500
   mv1 = imagenet.get_config("resnet50-mobilenetv1")
   assert (mv1.teacher.arch, mv1.student.arch) == ("imagenet_resnet50",
                                                   "imagenet_mobilenetv1")
   for pair, beta in (("resnet34-resnet18", 0.5), ("resnet50-mobilenetv1", 2.0)):
-    d = imagenet.get_config(f"{pair},dkd")
-    assert d.loss.dkd_beta == beta
-    assert (d.loss.temperature, d.loss.dkd_warmup) == (1.0, 1.0)
-    assert (d.loss.ce_weight, d.loss.dkd_alpha) == (1.0, 1.0)
+    d = methods.loss_settings(imagenet.get_config(f"{pair},dkd"))
+    assert d.dkd_beta == beta
+    assert (d.temperature, d.dkd_warmup) == (1.0, 1.0)
+    assert (d.ce_weight, d.dkd_alpha) == (1.0, 1.0)
 
 
 @pytest.mark.parametrize("module", [cifar, imagenet], ids=["cifar", "imagenet"])
@@ -199,14 +205,31 @@ def _set(c, dotted, value):
     ("optim.decay_epochs", (180, 150)),
     ("loss.kd_weight", -0.1),
     ("dtype", "float16"),
+    ("checkpoint_every_epochs", 0),
+    ("keep_checkpoints", 0),
+    ("log_every_steps", -1),
+    ("optim.decay_rate", -0.1),
+    ("slkd.fusion_weights", (1.5, -0.5)),
+    ("slkd.fusion_weights", (0.3, 0.3)),
+    ("seed", 2**64 + 1),
+    ("compare_with", ("kd", "kd")),
+    ("compare_with", ("slkd",)),
+    ("recipes.dkd.dkd_warmup", 0.0),
+    ("recipes.kd.kd_weight", -1.0),
+    ("preemption_check_seconds", 0.0),
+    ("data.shuffle_buffer", 0),
+    ("data.num_threads", 0),
+    ("data.ram_budget_gb", -1.0),
 ])
 def test_validate_names_the_bad_key(key, value):
   c = cifar.get_config()
   config_lib.validate(c)
   _set(c, key, value)
-  with pytest.raises(ValueError) as e:
+  if key.startswith("recipes."):
+    c.compare_with = (key.split(".")[1],)
+  with pytest.raises(errors.ConfigError) as e:
     config_lib.validate(c)
-  assert key in str(e.value)
+  assert key.split(".", 2)[-1] in str(e.value)
 
 
 # ml_collections' own loader still calls the deprecated load_module().
@@ -234,3 +257,99 @@ def test_config_flags_like_the_cli():
   c = parse(["prog", f"--config={CONFIGS / 'imagenet.py'}",
              "--config.slkd.num_slts=3"])
   assert c.student.arch == "imagenet_resnet18" and c.slkd.num_slts == 3
+
+
+# The reference recipe of every method, written out from mdistiller's CIFAR
+# configs and the SLKD code (docs/method.md §3), independently of
+# config_lib.method_recipe: what each stage must train with.
+MDISTILLER_DKD_BETA = {
+    "resnet56-resnet20": 2.0, "resnet110-resnet32": 2.0,
+    "wrn_40_2-wrn_16_2": 6.0, "wrn_40_2-wrn_40_1": 6.0, "vgg13-vgg8": 6.0,
+    "vgg13-vgg11": 6.0, "vgg13-MobileNetV2": 6.0}
+
+
+def reference_recipe(pair: str, method: str) -> dict:
+  if method == "ce":
+    return {"ce_weight": 1.0}
+  if method == "dkd":
+    return {"ce_weight": 1.0, "dkd_alpha": 1.0, "temperature": 4.0,
+            "dkd_warmup": 20.0,
+            "dkd_beta": MDISTILLER_DKD_BETA.get(pair, 8.0)}
+  recipe = {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
+  if method.startswith("slkd") and method != "slkd_t_only":
+    recipe.update(fused_weight=1.0, fused_ce_weight=1.0, fused_kd_weight=1.0,
+                  slt_ce_weight=None, slt_kd_weight=None)
+  return recipe
+
+
+def effective(c, stage):
+  return dict(config_lib.stage_config(c, stage).loss)
+
+
+@pytest.mark.parametrize("pair", list(cifar.PRESETS))
+def test_every_stage_runs_its_own_methods_recipe(pair):
+  for loaded_as in ("slkd", "dkd"):
+    c = cifar.get_config(f"{pair},{loaded_as}")
+    c.compare_with = tuple(m for m in methods.METHODS if m != loaded_as)
+    config_lib.validate(c)
+    for stage in methods.METHODS:
+      got = effective(c, stage)
+      for key, want in reference_recipe(pair, stage).items():
+        assert got[key] == want, (pair, loaded_as, stage, key)
+
+
+def test_compare_with_dkd_stage_uses_the_dkd_recipe_of_the_pair():
+  # The README's example: SLKD, then KD and DKD from the same teacher.
+  c = cifar.get_config("vgg13-vgg8")
+  c.compare_with = ("kd", "dkd")
+  dkd, kd = effective(c, "dkd"), effective(c, "kd")
+  assert (dkd["ce_weight"], dkd["dkd_beta"], dkd["dkd_alpha"]) == (1.0, 6.0,
+                                                                   1.0)
+  assert (kd["ce_weight"], kd["kd_weight"]) == (0.1, 0.9)
+  teacher = config_lib.stage_config(c, config_lib.TEACHER_STAGE)
+  assert teacher.method == "ce" and teacher.loss.ce_weight == 1.0
+  assert teacher.student.arch == "vgg13"
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_cli_method_and_overrides_follow_the_recipes():
+  def parse(*overrides):
+    argv = ["prog", f"--config={CONFIGS / 'cifar100.py'}:vgg13-vgg8,dkd",
+            *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  # --config.method=kd on a DKD preset: KD's CE weight 0.1, not DKD's 1.0.
+  c = parse("--config.method=kd")
+  assert effective(c, c.method)["ce_weight"] == 0.1
+  # An explicit override wins in every stage ...
+  c = parse("--config.loss.ce_weight=0.5", "--config.compare_with=('kd',)")
+  assert effective(c, "dkd")["ce_weight"] == effective(c, "kd")["ce_weight"]
+  assert effective(c, "kd")["ce_weight"] == 0.5
+  assert methods.loss_overrides(c) == {"ce_weight": 0.5}
+  # ... and a recipe override only in its method's stage.
+  c = parse("--config.recipes.dkd.dkd_beta=3.0", "--config.compare_with=('kd',)")
+  assert effective(c, "dkd")["dkd_beta"] == 3.0
+  assert effective(c, "dkd")["ce_weight"] == 1.0
+  assert effective(c, "kd")["kd_weight"] == 0.9
+
+
+def test_resume_changes_split_meaning_from_cadence():
+  import json
+  c = config_lib.stage_config(cifar.get_config("vgg13-vgg8,kd"), "kd")
+  saved = json.loads(c.to_json_best_effort())
+  now = config_lib.stage_config(cifar.get_config("vgg13-vgg8,kd"), "kd")
+  now.num_epochs, now.log_every_steps = 300, 7
+  now.teacher.checkpoint = "/elsewhere"  # checked by the frozen teacher
+  now.slkd.num_slts = 3  # kd has no SL-Ts
+  conflicts, accepted = config_lib.resume_changes(saved, now)
+  assert not conflicts
+  assert {"num_epochs", "log_every_steps", "teacher.checkpoint",
+          "slkd.num_slts"} <= set(accepted)
+  now.batch_size, now.student.arch, now.seed = 128, "vgg11", 3
+  now.loss.ce_weight = 0.3
+  conflicts, _ = config_lib.resume_changes(saved, now)
+  assert set(conflicts) == {"batch_size", "student.arch", "seed",
+                            "loss.ce_weight"}

@@ -2,9 +2,12 @@
 reference zoo, the reference key layouts of all 26 architectures, strict
 errors, the orbax teacher checkpoint and the CLI.
 
-The twins below are written from SPEC.md sections 7-8 (and the reference
+The twins below are written from docs/method.md §7–8 (and the reference
 PyTorch code they describe): they exist to produce state_dicts with the
 reference zoo's real key names and shapes, and logits to compare against.
+Their ``features`` methods transcribe mdistiller's ``forward`` (its
+``(logits, feats)`` with ``feats``, ``preact_feats`` and ``pooled_feat``),
+which the JAX models' ``features=True`` outputs must equal.
 """
 
 import json
@@ -43,6 +46,18 @@ def _bn(c):
   return tnn.BatchNorm2d(c)
 
 
+def _stage_with_preact(stage, x):
+  """Run a block Sequential as mdistiller's ``is_last`` blocks do: the last
+  block also returns its pre-ReLU output."""
+  for block in stage[:-1]:
+    x = block(x)
+  return stage[-1].forward_preact(x)
+
+
+def _feats(feats, preact_feats, pooled):
+  return {"feats": feats, "preact_feats": preact_feats, "pooled_feat": pooled}
+
+
 class TBasicBlock(tnn.Module):
   """RepDistiller resnet.py / torchvision BasicBlock (post-activation)."""
   expansion = 1
@@ -57,10 +72,14 @@ class TBasicBlock(tnn.Module):
       setattr(self, shortcut, tnn.Sequential(_conv(cin, planes, 1, stride),
                                              _bn(planes)))
 
-  def forward(self, x):
+  def forward_preact(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
-    return F.relu(out + (getattr(self, self.sc)(x) if self.sc else x))
+    preact = out + (getattr(self, self.sc)(x) if self.sc else x)
+    return F.relu(preact), preact
+
+  def forward(self, x):
+    return self.forward_preact(x)[0]
 
 
 class TBottleneck(tnn.Module):
@@ -79,11 +98,15 @@ class TBottleneck(tnn.Module):
       setattr(self, shortcut, tnn.Sequential(_conv(cin, out, 1, stride),
                                              _bn(out)))
 
-  def forward(self, x):
+  def forward_preact(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
     out = F.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
-    return F.relu(out + (getattr(self, self.sc)(x) if self.sc else x))
+    preact = out + (getattr(self, self.sc)(x) if self.sc else x)
+    return F.relu(preact), preact
+
+  def forward(self, x):
+    return self.forward_preact(x)[0]
 
 
 class TResNet(tnn.Module):
@@ -115,6 +138,23 @@ class TResNet(tnn.Module):
     for s in range(self.num_stages):
       x = getattr(self, f"layer{s + 1}")(x)
     return getattr(self, self.classifier)(x.mean((2, 3)))
+
+  def features(self, x):
+    """mdistiller cifar/resnet.py, cifar/resnetv2.py, imagenet/resnet.py."""
+    stem = self.bn1(self.conv1(x))
+    # mdistiller's ImageNet ResNet keeps ``stem`` as preact_feats[0] but then
+    # applies an in-place ReLU to it: the tensor it returns is post-ReLU.
+    x = F.relu(stem, inplace=True)
+    feats, preacts = [x], [stem if self.imagenet else x]
+    if self.imagenet:
+      x = F.max_pool2d(x, 3, 2, 1)
+    for s in range(self.num_stages):
+      x, preact = _stage_with_preact(getattr(self, f"layer{s + 1}"), x)
+      feats.append(x)
+      preacts.append(preact)
+    pooled = x.mean((2, 3))
+    return (getattr(self, self.classifier)(pooled),
+            _feats(feats, preacts, pooled))
 
 
 class TWideBlock(tnn.Module):
@@ -161,6 +201,18 @@ class TWRN(tnn.Module):
     x = self.block3(self.block2(self.block1(self.conv1(x))))
     return self.fc(F.relu(self.bn1(x)).mean((2, 3)))
 
+  def features(self, x):
+    """mdistiller cifar/wrn.py: raw group outputs; their preacts re-apply
+    the BN that activates each one next."""
+    f0 = self.conv1(x)
+    f1 = self.block1(f0)
+    f2 = self.block2(f1)
+    f3 = self.block3(f2)
+    pooled = F.relu(self.bn1(f3)).mean((2, 3))
+    preacts = [f0, self.block2.layer[0].bn1(f1), self.block3.layer[0].bn1(f2),
+               self.bn1(f3)]
+    return self.fc(pooled), _feats([f0, f1, f2, f3], preacts, pooled)
+
 
 VGG_CONVS = {"vgg8": (1, 1, 1, 1, 1), "vgg11": (1, 1, 2, 2, 2),
              "vgg13": (2, 2, 2, 2, 2), "vgg16": (2, 2, 3, 3, 3),
@@ -183,12 +235,21 @@ class TVGG(tnn.Module):
     self.classifier = tnn.Linear(512, num_classes)
 
   def forward(self, x):
-    h = x.shape[2]
+    return self.features(x)[0]
+
+  def features(self, x):
+    """mdistiller cifar/vgg.py: f0..f4 post-ReLU; preacts are the block
+    outputs (whose last ReLU is dropped), except f0 itself."""
+    h, feats, preacts = x.shape[2], [], []
     for b in range(5):
-      x = F.relu(getattr(self, f"block{b}")(x))
+      preact = getattr(self, f"block{b}")(x)
+      x = F.relu(preact)
+      feats.append(x)
+      preacts.append(x if b == 0 else preact)
       if b < 3 or (b == 3 and h == 64):
         x = F.max_pool2d(x, 2, 2)
-    return self.classifier(x.mean((2, 3)))
+    pooled = x.mean((2, 3))
+    return self.classifier(pooled), _feats(feats, preacts, pooled)
 
 
 def _conv_bn_relu(cin, cout, k, stride=1, groups=1, relu=True):
@@ -213,7 +274,7 @@ class TInvertedResidual(tnn.Module):
 
 
 class TMobileNetV2(tnn.Module):
-  """RepDistiller ``mobile_half``: stem s2 3->16, blocks (SPEC settings),
+  """RepDistiller ``mobile_half``: stem s2 3->16, blocks (reference settings),
   1x1 head 160->1280, ``classifier.0``."""
 
   def __init__(self, num_classes=10):
@@ -237,6 +298,18 @@ class TMobileNetV2(tnn.Module):
       x = stage(x)
     return self.classifier(self.conv2(x).mean((2, 3)))
 
+  def features(self, x):
+    """mdistiller cifar/mobilenetv2.py: f0 and the outputs of block groups
+    1, 2, 4, 6; it returns no ``preact_feats``."""
+    x = self.conv1(x)
+    feats = [x]
+    for s, stage in enumerate(self.blocks):
+      x = stage(x)
+      if s in (1, 2, 4, 6):
+        feats.append(x)
+    pooled = self.conv2(x).mean((2, 3))
+    return self.classifier(pooled), {"feats": feats, "pooled_feat": pooled}
+
 
 def _shuffle(x, g):
   n, c, h, w = x.shape
@@ -254,13 +327,18 @@ class TShuffleV1Unit(tnn.Module):
     self.conv2, self.bn2 = _conv(mid, mid, 3, stride, mid), _bn(mid)
     self.conv3, self.bn3 = _conv(mid, cout, 1, groups=groups), _bn(cout)
 
-  def forward(self, x):
+  def forward_preact(self, x):
     out = _shuffle(F.relu(self.bn1(self.conv1(x))), self.g)
     out = F.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
     if self.stride == 2:  # AvgPool2d counts the padding: always / 9
-      return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-    return F.relu(out + x)
+      preact = torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1)
+    else:
+      preact = out + x
+    return F.relu(preact), preact
+
+  def forward(self, x):
+    return self.forward_preact(x)[0]
 
 
 class TShuffleV1(tnn.Module):
@@ -282,6 +360,17 @@ class TShuffleV1(tnn.Module):
     x = F.relu(self.bn1(self.conv1(x)))
     x = self.layer3(self.layer2(self.layer1(x)))
     return self.linear(x.mean((2, 3)))
+
+  def features(self, x):
+    """mdistiller cifar/ShuffleNetv1.py."""
+    x = F.relu(self.bn1(self.conv1(x)))
+    feats, preacts = [x], [x]
+    for k in (1, 2, 3):
+      x, preact = _stage_with_preact(getattr(self, f"layer{k}"), x)
+      feats.append(x)
+      preacts.append(preact)
+    pooled = x.mean((2, 3))
+    return self.linear(pooled), _feats(feats, preacts, pooled)
 
 
 class TShuffleV2Down(tnn.Module):
@@ -312,11 +401,16 @@ class TShuffleV2Basic(tnn.Module):
     self.conv2, self.bn2 = _conv(c, c, 3, 1, c), _bn(c)
     self.conv3, self.bn3 = _conv(c, c, 1), _bn(c)
 
-  def forward(self, x):
+  def forward_preact(self, x):
+    # mdistiller's preact: [kept, bn3 output] concatenated, not shuffled.
     c = x.shape[1] // 2
     out = F.relu(self.bn1(self.conv1(x[:, c:])))
-    out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(out)))))
-    return _shuffle(torch.cat([x[:, :c], out], 1), 2)
+    preact = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+    out = _shuffle(torch.cat([x[:, :c], F.relu(preact)], 1), 2)
+    return out, torch.cat([x[:, :c], preact], 1)
+
+  def forward(self, x):
+    return self.forward_preact(x)[0]
 
 
 class TShuffleV2(tnn.Module):
@@ -338,6 +432,17 @@ class TShuffleV2(tnn.Module):
     x = self.layer3(self.layer2(self.layer1(x)))
     x = F.relu(self.bn2(self.conv2(x)))
     return self.linear(x.mean((2, 3)))
+
+  def features(self, x):
+    """mdistiller cifar/ShuffleNetv2.py: no head map among the feats."""
+    x = F.relu(self.bn1(self.conv1(x)))
+    feats, preacts = [x], [x]
+    for k in (1, 2, 3):
+      x, preact = _stage_with_preact(getattr(self, f"layer{k}"), x)
+      feats.append(x)
+      preacts.append(preact)
+    pooled = F.relu(self.bn2(self.conv2(x))).mean((2, 3))
+    return self.linear(pooled), _feats(feats, preacts, pooled)
 
 
 MOBILENETV1_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
@@ -363,6 +468,19 @@ class TMobileNetV1(tnn.Module):
 
   def forward(self, x):
     return self.fc(self.model(x).mean((2, 3)))
+
+  def features(self, x):
+    """mdistiller imagenet/mobilenetv1.py: layers 3, 5, 11, 13 without their
+    last ReLU are the preacts; no stem entry."""
+    m = self.model
+    feat1 = m[3][:-1](m[0:3](x))
+    feat2 = m[5][:-1](m[4:5](F.relu(feat1)))
+    feat3 = m[11][:-1](m[6:11](F.relu(feat2)))
+    feat4 = m[13][:-1](m[12:13](F.relu(feat3)))
+    preacts = [feat1, feat2, feat3, feat4]
+    pooled = F.relu(feat4).mean((2, 3))
+    return self.fc(pooled), _feats([F.relu(f) for f in preacts], preacts,
+                                   pooled)
 
 
 TWINS = {
@@ -452,8 +570,62 @@ def test_forward_parity_with_pytorch_twin(arch):
   np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
 
 
+def _nhwc(t):
+  t = t.numpy()
+  return t.transpose(0, 2, 3, 1) if t.ndim == 4 else t
+
+
+@pytest.fixture
+def one_torch_thread():
+  """Float64 convolutions with several torch threads on a shared 2-core
+  machine mostly spin (seconds per grouped conv instead of milliseconds)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", sorted(TWINS))
+def test_features_match_pytorch_twin(arch, one_torch_thread):
+  """``features=True`` returns mdistiller's feats, preact_feats and
+  pooled_feat (NHWC), value for value, from the converted twin weights.
+
+  In float64 on both sides, so that rounding (~1e-5 of the scale after 50
+  float32 layers) cannot hide a real difference such as a missing ReLU or
+  a feature taken one layer early.
+  """
+  net = make_twin(arch).double()
+  variables = ct.convert_state_dict(arch, net.state_dict(), dtype=np.float64)
+  size = _image_size(arch)
+  torch.manual_seed(1)
+  x = torch.randn(2, 3, size, size, dtype=torch.float64)
+  with torch.no_grad():
+    logits, expected = net.features(x)
+    # The transcribed mdistiller forward is the twin's own network.
+    np.testing.assert_allclose(logits, net(x), rtol=0, atol=1e-12)
+  # mdistiller's MobileNetV2 returns no preact_feats; ours repeats feats.
+  expected.setdefault("preact_feats", expected["feats"])
+  model = models.create(arch, NUM_CLASSES, dtype=jnp.float64)
+  with jax.enable_x64(True):
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False, features=True))(
+        variables, jnp.asarray(_nhwc(x)))
+  assert isinstance(out, models.Outputs)
+  pairs = [("logits", out.logits, logits),
+           ("pooled_feat", out.pooled_feat, expected["pooled_feat"])]
+  for key in ("feats", "preact_feats"):
+    assert len(getattr(out, key)) == len(expected[key]), key
+    pairs += [(f"{key}[{i}]", got, want) for i, (got, want) in
+              enumerate(zip(getattr(out, key), expected[key]))]
+  for key, got, want in pairs:
+    want = _nhwc(want)
+    assert got.shape == want.shape and got.dtype == np.float64, key
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * scale,
+                               err_msg=key)
+
+
 # ---------------------------------------------------------------------------
-# Every registered architecture: the reference key layout (SPEC.md section 8),
+# Every registered architecture: the reference key layout (docs/method.md §8),
 # mapped both ways.
 
 
@@ -471,7 +643,7 @@ def _l(name):
 
 
 def reference_keys(arch):
-  """The state_dict keys of the reference PyTorch model, from SPEC.md."""
+  """The state_dict keys of the reference PyTorch model, from docs/method.md."""
   keys = []
   if m := re.fullmatch(r"resnet(\d+)(x4)?", arch):
     n, wide = (int(m[1]) - 2) // 6, bool(m[2])
@@ -728,7 +900,8 @@ def test_unreadable_pth_gives_clear_error(tmp_path):
 
 
 def test_missing_or_corrupt_teacher_checkpoint(tmp_path, resnet8_twin):
-  with pytest.raises(FileNotFoundError, match="python -m slkd_jax.convert_torch"):
+  with pytest.raises(ct.ConversionError,
+                     match="python -m slkd_jax.convert_torch"):
     ct.load_teacher(str(tmp_path / "nowhere"), arch="resnet8")
   empty = tmp_path / "empty"
   empty.mkdir()

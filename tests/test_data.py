@@ -2,6 +2,7 @@
 CIFAR-100 and ImageNet under ``tfds.testing.mock_data``, the
 ``cifar-100-python`` reader, helpful errors. No network anywhere."""
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -262,6 +263,19 @@ def test_digits_split_shapes_and_no_flip():
   assert sum(int(b["mask"].sum()) for b in ev) == 360
 
 
+def test_digits_arrays_are_pinned():
+  # The quickstart's numbers are only reproducible if its data is: the
+  # split comes from scikit-learn's StratifiedShuffleSplit, so a release
+  # that changed it would silently move every number. Pin the bytes.
+  h = hashlib.sha256()
+  for a in (*digits.load_arrays()[0], *digits.load_arrays()[1]):
+    h.update(np.ascontiguousarray(a).tobytes())
+  assert h.hexdigest() == (
+      "fec3afddac96e21299752f3c2d19bf16cde4fc28006178d87eef1cbf9ce4bd5a"), (
+          "the digits train/test arrays changed (scikit-learn's split or "
+          "data?): the quickstart's numbers in README.md no longer apply")
+
+
 def test_synthetic_any_shape():
   mesh = _mesh()
   cfg = {"name": "synthetic", "image_size": (24, 40), "num_classes": 7,
@@ -356,6 +370,86 @@ def test_cifar_python_errors(tmp_path):
     cifar.load({"source": "torchvision"})
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict"])
+def test_cifar_python_damaged_pickle_names_the_file(tmp_path, damage):
+  # A truncated download, other bytes (pickle reads them as opcodes and
+  # fails with e.g. "unregistered extension code") or a pickle of the wrong
+  # thing: one line naming the file and saying to re-download/re-extract.
+  folder = tmp_path / "cifar-100-python"
+  _write_cifar_python(str(folder))
+  path = folder / "train"
+  if damage == "truncated":
+    path.write_bytes(path.read_bytes()[:1000])
+  elif damage == "garbage":
+    path.write_bytes(bytes(np.random.default_rng(1).integers(
+        0, 256, 4096, dtype=np.uint8)))
+  else:
+    with open(path, "wb") as f:
+      pickle.dump([1, 2, 3], f, protocol=2)
+  with pytest.raises(data.DatasetError) as e:
+    cifar.load({"source": "cifar-100-python", "data_dir": str(tmp_path)})
+  msg = str(e.value)
+  assert str(path) in msg and cifar.PYTHON_URL in msg
+  assert "download" in msg and "re-extract" in msg
+  assert "\n" not in msg
+
+  # A file open() refuses (here: a directory) is named the same way.
+  with pytest.raises(data.DatasetError, match=r"cannot be read.*re-extract"):
+    cifar._load_pickle(str(folder))
+
+
+def test_empty_data_dir_is_the_tfds_default(tmp_path, monkeypatch):
+  # data_dir='' is the default, as None is (TFDS alone would search '.'),
+  # and the message names the directory TFDS really searched.
+  assert data.resolve_data_dir({"data_dir": ""}) is None
+  assert data.resolve_data_dir({"data_dir": "  "}) is None
+  assert data.resolve_data_dir({}) is None
+  assert data.resolve_data_dir({"data_dir": "~/x"}) == os.path.expanduser(
+      "~/x")
+  data.import_tfds()
+  from tensorflow_datasets.core import constants
+  monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path / "default"))
+  assert data.tfds_data_dirs(None) == str(tmp_path / "default")
+  for data_dir in ("", None):
+    with pytest.raises(data.DatasetError) as e:
+      cifar.load({"source": "tfds", "data_dir": data_dir})
+    msg = str(e.value)
+    assert f"data_dir={str(tmp_path / 'default')!r}" in msg
+    assert f"could not find data in {tmp_path / 'default'}" in msg
+  # The pickle folder has no default: '' asks for data.data_dir, as None.
+  with pytest.raises(data.DatasetError, match="Set data.data_dir"):
+    cifar.load({"source": "cifar-100-python", "data_dir": ""})
+
+
+def test_data_settings_are_declared_with_the_pipelines_defaults():
+  # Every setting the pipelines read is in base_config() (so the command
+  # line can set it on the locked config) with the default they assume.
+  from slkd_jax import config as config_lib
+  c = config_lib.base_config()
+  for key, default in data.SETTINGS.items():
+    assert key in c.data, key
+    assert c.data[key] == default, key
+  c.lock()
+  c.data.host_prefetch = 0
+  c.data.ram_budget_gb = 1.5
+  c.data.num_threads = 3
+  # Read as given: 0 stays 0 (no prefetch), None stays automatic.
+  assert data.setting(c.data, "host_prefetch") == 0
+  assert data.setting(c.data, "ram_budget_gb") == 1.5
+  assert data.setting({}, "host_prefetch") == 2
+  assert data.setting({"num_threads": None}, "num_threads") is None
+
+
+def test_imagenet_pipeline_options_follow_the_config(tfds):
+  from slkd_jax.data import imagenet
+  options = imagenet._options({"ram_budget_gb": 1.5, "num_threads": 3})
+  assert options.autotune.ram_budget == int(1.5 * 2**30)
+  assert options.threading.private_threadpool_size == 3
+  options = imagenet._options({})  # None: tf.data's own choices
+  assert options.autotune.ram_budget is None
+  assert options.threading.private_threadpool_size is None
+
+
 # ------------------------------------------------------ TFDS (mocked)
 
 
@@ -371,6 +465,7 @@ def test_missing_tfds_datasets_fail_fast_with_instructions(tmp_path, tfds):
   msg = str(e.value)
   assert "cifar100" in msg and str(tmp_path) in msg
   assert "tfds build cifar100" in msg
+  assert "\n" not in msg  # the command line prints it as one line
   with pytest.raises(data.DatasetError) as e:
     data.create_datasets({"name": "imagenet2012", "data_dir": str(tmp_path)},
                          batch_size=8, eval_batch_size=8, seed=0,
@@ -378,6 +473,7 @@ def test_missing_tfds_datasets_fail_fast_with_instructions(tmp_path, tfds):
   msg = str(e.value)
   assert "imagenet2012" in msg and str(tmp_path) in msg
   assert "downloads/manual" in msg and "tfds build imagenet2012" in msg
+  assert "\n" not in msg  # the command line prints it as one line
   assert time.perf_counter() - start < 15  # no waiting on a network
 
 

@@ -1,13 +1,14 @@
-"""Losses against hand-computed values and SPEC.md's worked example (float64)."""
+"""Losses against hand-computed values and the worked example of
+docs/method.md §2 (float64)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slkd_jax import losses
+from slkd_jax import losses, methods
 
-# SPEC.md section 2, worked example.
+# docs/method.md §2, worked example.
 Z_S = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
 Z_T = [[2.0, 1.0, 0.0], [1.0, 1.0, 3.0]]
 Z_1 = [[0.0, 0.5, 1.0], [2.0, 0.0, -1.0]]
@@ -164,3 +165,56 @@ def test_shape_checks_reject_bad_inputs():
     losses.cross_entropy(f64(Z_S), jnp.asarray([0, 1, 2]))
   with pytest.raises(AssertionError):
     losses.fuse_logits(f64([Z_1, Z_2]), f64([1.0]))
+
+
+# ---------------------------------------------------------------------------
+# The method table's student objectives on the worked example.
+
+
+def hparams(**overrides):
+  """float64 :class:`methods.HParams`: the CIFAR SLKD weights (K = 2) and
+  DKD's defaults unless overridden."""
+  values = dict(learning_rate=0.05, ce_weight=0.1, kd_weight=0.9,
+                temperature=4.0, fused_weight=1.0, fused_ce_weight=1.0,
+                fused_kd_weight=1.0, slt_ce_weight=0.1, slt_kd_weight=0.9,
+                fusion_weights=[0.5, 0.5], dkd_alpha=1.0, dkd_beta=8.0,
+                dkd_warmup_factor=1.0)
+  values.update(overrides)
+  return methods.HParams(**{k: f64(v) for k, v in values.items()})
+
+
+def objective(method, z_s, z_t, hp):
+  """``method``'s student loss on the worked example's SL-Ts and labels."""
+  slts = f64([Z_1, Z_2])
+  logits = methods.Logits(z_s, z_t, slts,
+                          losses.fuse_logits(slts, hp.fusion_weights))
+  loss, _ = methods.get(method).student_objective(
+      logits, labels(), None, hp, detach_fused_target=False)
+  return loss
+
+
+def test_dkd_objective_scales_dkd_by_the_warmup_factor():
+  """Epoch 1 of a 20-epoch warm-up: CE + 0.05·DKD, not CE + DKD."""
+  hp = hparams(ce_weight=1.0, dkd_warmup_factor=0.05)
+  assert float(objective("dkd", f64(Z_S), f64(Z_T), hp)) == pytest.approx(
+      1.0744586306 + 0.05 * 2.9604175056, abs=1e-9)
+
+
+def test_slt_only_objective_has_no_teacher_term():
+  """``slkd_slt_only``: (w_ce + w_p·w_ce_cs)·CE + w_p·w_kd_cs·KD_4(z_s, z_c),
+  so its gradient does not depend on the teacher's logits; ``slkd``'s
+  does."""
+  hp = hparams()
+  assert float(objective("slkd_slt_only", f64(Z_S), f64(Z_T), hp)) == (
+      pytest.approx(1.1 * 1.0744586306 + 0.7247611323, abs=1e-9))
+  assert float(objective("slkd", f64(Z_S), f64(Z_T), hp)) == pytest.approx(
+      1.1 * 1.0744586306 + 0.9 * 0.7384603938 + 0.7247611323, abs=1e-9)
+  z_t_moved = f64(Z_T) + f64([[3.0, -2.0, 1.0], [0.0, 2.0, -1.0]])
+
+  def grad_z_s(method, z_t):
+    return jax.grad(objective, argnums=1)(method, f64(Z_S), z_t, hp)
+
+  np.testing.assert_array_equal(grad_z_s("slkd_slt_only", f64(Z_T)),
+                                grad_z_s("slkd_slt_only", z_t_moved))
+  assert np.max(np.abs(grad_z_s("slkd", f64(Z_T)) -
+                       grad_z_s("slkd", z_t_moved))) > 1e-2

@@ -11,7 +11,7 @@ import pytest
 from slkd_jax import models
 
 # (params, BN running mean+var) of the reference PyTorch zoo, 100 classes for
-# CIFAR models and 1000 for ImageNet ones (SPEC.md section 7).
+# CIFAR models and 1000 for ImageNet ones (docs/method.md §7).
 REFERENCE_COUNTS = {
     "resnet8": (83_892, 672),
     "resnet14": (181_108, 1_120),
@@ -98,23 +98,47 @@ def test_forward_train_and_eval(name):
   assert all(jax.tree.leaves(moved))
 
 
+def _classifier(params):
+  """The classifier Linear's (kernel, bias): the only 2-D kernel."""
+  (head,) = [p for p in params.values()
+             if "kernel" in p and p["kernel"].ndim == 2]
+  return head["kernel"], head["bias"]
+
+
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2",
-                                  "ShuffleV1", "ShuffleV2", "imagenet_resnet18"])
-def test_return_features(name):
+                                  "ShuffleV1", "ShuffleV2", "imagenet_resnet18",
+                                  "imagenet_mobilenetv1"])
+def test_features_returns_outputs_with_the_same_logits(name):
   model = models.create(name, num_classes=10)
   size = _forward_size(name)
-  x = jnp.ones((2, size, size, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  logits, features = model.apply(variables, x, train=False,
-                                 return_features=True)
-  assert logits.shape == (2, 10)
-  *maps, pooled = features
-  assert len(maps) >= 3
-  for fmap in maps:
-    assert fmap.ndim == 4 and fmap.shape[0] == 2
+  x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
+  mask = jnp.array([True, True, True, False])
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+
+  def run(features):
+    # Two separate programs: one jit would let XLA merge the two forwards.
+    @jax.jit
+    def forward(variables, x):
+      train = model.apply(variables, x, train=True, mask=mask,
+                          features=features, mutable=["batch_stats"])
+      return model.apply(variables, x, train=False, features=features), train
+    return forward(variables, x)
+
+  logits, (train_logits, updates) = run(False)
+  out, (train_out, train_updates) = run(True)
+  assert isinstance(logits, jax.Array) and isinstance(train_logits, jax.Array)
+  assert isinstance(out, models.Outputs)
+  assert isinstance(train_out, models.Outputs)
+  # Asking for features changes nothing the logits-only forward computes.
+  np.testing.assert_array_equal(out.logits, logits)
+  np.testing.assert_array_equal(train_out.logits, train_logits)
+  jax.tree.map(np.testing.assert_array_equal, train_updates, updates)
+  assert len(out.feats) == len(out.preact_feats) >= 4
+  for fmap, preact in zip(out.feats, out.preact_feats):
+    assert fmap.ndim == 4 and fmap.shape == preact.shape
   # The pooled embedding is the classifier's input.
-  assert pooled.ndim == 2 and pooled.shape[0] == 2
-  np.testing.assert_allclose(pooled, jnp.mean(maps[-1], axis=(1, 2)),
+  kernel, bias = _classifier(variables["params"])
+  np.testing.assert_allclose(out.pooled_feat @ kernel + bias, logits,
                              rtol=1e-5, atol=1e-5)
 
 

@@ -299,3 +299,192 @@ def test_teacher_from_converted_checkpoint_and_previous_workdir(
     train.run(tiny_config(method="kd", **{"teacher.checkpoint": saved,
                                           "teacher.arch": "resnet14"}),
               str(tmp_path / "c"))
+
+
+# ---------------------------------------------------------------------------
+# Runs never lose or misreport work.
+
+
+def test_best_checkpoint_and_models_reproduce_the_reported_best(
+    uninterrupted):
+  from slkd_jax import artifact, evaluate
+  workdir, results = uninterrupted
+  mesh = parallel.make_mesh()
+  for stage in ("teacher", "slkd"):
+    history = results[stage].history
+    best, best_epoch, _ = metrics.best_and_last(history, "student/top1")
+    rows = evaluate.evaluate_stage(workdir, stage, "best", mesh)
+    by_net = {r["network"]: r for r in rows}
+    assert by_net["student"]["epoch"] == best_epoch
+    assert by_net["student"]["top-1"] == best  # exactly the reported number
+    record = history[best_epoch - 1]
+    for net, row in by_net.items():
+      assert row["top-5"] == record[f"{net}/top5"], (stage, net)
+    for name in ("best_model", "final_model"):
+      assert artifact.is_artifact(os.path.join(workdir, stage, name))
+  # SLKD's networks: student, teacher, each SL-T and their fusion.
+  assert {"student", "teacher", "slt_0", "slt_1", "slt_fused"} == set(by_net)
+  # The standalone best student gives the same top-1 on the same data.
+  model_rows = evaluate.evaluate_model(
+      os.path.join(workdir, "slkd", "best_model"), tiny_config(), None, mesh)
+  assert model_rows[0]["top-1"] == by_net["student"]["top-1"]
+  # The frozen teacher is stored once, not in the checkpoints.
+  assert artifact.is_artifact(os.path.join(workdir, "frozen_teacher"))
+  assert not restore_final(os.path.join(workdir, "slkd")).get("teacher")
+
+
+def _copy(workdir, tmp_path):
+  import shutil
+  target = str(tmp_path / "copy")
+  shutil.copytree(workdir, target)
+  return target
+
+
+@pytest.mark.parametrize("key,value", [
+    ("batch_size", 8), ("student.arch", "resnet14"), ("seed", 3),
+    ("recipes.slkd.temperature", 2.0)])
+def test_resume_with_a_changed_meaning_fails_in_one_line(
+    uninterrupted, tmp_path, key, value):
+  workdir = _copy(uninterrupted[0], tmp_path)
+  with pytest.raises(config_lib.errors.ConfigError) as e:
+    train.run(tiny_config(**{key: value}), workdir)
+  message = str(e.value)
+  assert "\n" not in message and "new --workdir" in message
+  shown = "loss.temperature" if key.startswith("recipes") else key
+  assert shown in message
+
+
+def test_a_different_teacher_is_refused(uninterrupted, tmp_path):
+  workdir = _copy(uninterrupted[0], tmp_path)
+  # Extending the teacher after the distillation started: the stages would
+  # silently mix teachers.
+  with pytest.raises(config_lib.errors.ConfigError,
+                     match=r"teacher.num_epochs=1.*teacher.num_epochs=2"):
+    train.run(tiny_config(**{"teacher.num_epochs": 2}), workdir)
+  # Cadence keys may change: the finished run is reused as it is.
+  results = train.run(tiny_config(log_every_steps=2), workdir)
+  assert [h["epoch"] for h in results["slkd"].history] == [1, 2]
+
+
+def test_metrics_hold_each_epoch_once_after_a_crash(tmp_path, monkeypatch):
+  def crash_in_epoch_two(epoch, step, batch):
+    if epoch == 1 and step == 1:
+      raise RuntimeError("simulated crash")
+    return batch
+
+  config = tiny_config(method="ce", num_epochs=2, checkpoint_every_epochs=2)
+  _wrap_datasets(monkeypatch, crash_in_epoch_two)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.run(config, str(tmp_path))  # epoch 1 evaluated, never saved
+  monkeypatch.undo()
+  train.run(config, str(tmp_path))
+  records = metrics.read_jsonl(str(tmp_path / "ce" / "metrics.jsonl"))
+  assert [r["epoch"] for r in records if "eval/student/top1" in r] == [1, 2]
+  steps = [r["step"] for r in records if "train/loss" in r]
+  assert steps == sorted(set(steps)) == list(range(1, 7))
+
+
+def test_sigint_saves_like_sigterm(tmp_path, monkeypatch):
+  def ctrl_c(epoch, step, batch):
+    if (epoch, step) == (0, 1):
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+  _wrap_datasets(monkeypatch, ctrl_c)
+  with pytest.raises(train.Preempted):
+    train.run(tiny_config(method="ce", num_epochs=1), str(tmp_path))
+  saved = checkpoint.Checkpointer(str(tmp_path / "ce" / "checkpoints"))
+  assert saved.all_steps() == [2]
+  saved.close()
+
+
+def test_a_non_finite_loss_is_never_saved_on_preemption(tmp_path,
+                                                        monkeypatch):
+  def poison_and_stop(epoch, step, batch):
+    if (epoch, step) == (0, 1):
+      os.kill(os.getpid(), signal.SIGTERM)
+      batch = dict(batch, image=batch["image"] * np.nan)
+    return batch
+
+  _wrap_datasets(monkeypatch, poison_and_stop)
+  with pytest.raises(train.NonFiniteLossError, match="at step 2"):
+    train.run(tiny_config(method="ce", num_epochs=1), str(tmp_path))
+  saved = checkpoint.Checkpointer(str(tmp_path / "ce" / "checkpoints"))
+  assert saved.all_steps() == []
+  saved.close()
+
+
+def test_damaged_checkpoints_are_one_line_each(tmp_path, caplog):
+  mesh = parallel.make_mesh()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, _target(mesh, step), {"epoch": step})
+  ckpt.wait()
+  for step in (2, 3):  # truncate every file of the two newest
+    for path in glob.glob(str(tmp_path / str(step) / "**" / "*"),
+                          recursive=True):
+      if os.path.isfile(path):
+        open(path, "wb").close()
+  caplog.clear()
+  _, meta = ckpt.restore_latest(checkpoint.abstract_like(_target(mesh), mesh))
+  assert meta == {"epoch": 1}
+  damaged = [r for r in caplog.records if "is damaged" in r.getMessage()]
+  assert [r.getMessage().split()[2] for r in damaged] == ["3", "2"]
+  assert len(caplog.records) <= 4  # no flood of library errors
+  # Saving over a damaged step replaces it.
+  ckpt.save(3, _target(mesh, 30), {"epoch": 30})
+  ckpt.wait()
+  state, meta = ckpt.restore_latest(
+      checkpoint.abstract_like(_target(mesh), mesh))
+  assert meta == {"epoch": 30}
+  ckpt.close()
+
+
+def test_unwritable_checkpoint_directory_fails_at_once(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(checkpoint.CheckpointError, match=str(blocker)):
+    checkpoint.Checkpointer(str(blocker / "checkpoints"))
+
+
+@pytest.mark.parametrize("workdir,message", [
+    ("", "--workdir is empty"), ("FILE", "is a file"),
+    ("FILE/sub", "cannot create")])
+def test_bad_workdirs_are_one_line_errors(tmp_path, workdir, message):
+  (tmp_path / "FILE").write_text("x")
+  path = str(tmp_path / workdir) if workdir else ""
+  with pytest.raises(config_lib.errors.ConfigError, match=message):
+    train.check_workdir(path)
+
+
+def test_teacher_workdir_without_a_finished_teacher_is_refused(tmp_path):
+  (tmp_path / "old" / "teacher" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(config_lib.errors.ConfigError, match="resume it first"):
+    train.run(tiny_config(method="kd",
+                          **{"teacher.checkpoint": str(tmp_path / "old")}),
+              str(tmp_path / "new"))
+
+
+def test_stop_agreement_spaces_checks_by_time(monkeypatch):
+  from jax.experimental import multihost_utils
+  from slkd_jax import preemption
+  step = 0
+  # Every step takes 0.5 s.
+  monkeypatch.setattr(preemption.time, "monotonic", lambda: 0.5 * step)
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  gathers = []
+
+  def allgather(x):
+    gathers.append(int(step))
+    return np.stack([x, x])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  stop_signal = preemption.StopSignal()
+  agreement = preemption.StopAgreement(stop_signal, check_seconds=5.0)
+  for step in range(1, 40):
+    if step == 25:
+      stop_signal.requested = True
+    if agreement.should_stop(step):
+      break
+  # First check after one measured step, then every 5 s / 0.5 s = 10 steps.
+  assert gathers == [2, 12, 22, 32] and step == 32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
-from slkd_jax import methods, parallel
+from slkd_jax import losses, methods, optim, parallel
 from slkd_jax import state as state_lib
 from slkd_jax import train_step
 
@@ -29,11 +29,11 @@ def tiny_config(method="slkd", num_slts=2, **slkd):
   return c
 
 
-def random_teacher(c):
+def random_teacher(c, seed=42):
   nets = state_lib.build_networks(c)
   model = nets.teacher or models_create(c)
   params, stats = state_lib.init_variables(
-      model, jax.random.key(42), state_lib.image_shape(c))
+      model, jax.random.key(seed), state_lib.image_shape(c))
   # Non-trivial running statistics, so eval-mode BN is really exercised.
   stats = jax.tree.map(lambda s: s + 0.1, stats)
   return state_lib.ModelState(params, stats)
@@ -52,13 +52,14 @@ def make_batch(n_real, n_total, seed=0):
           "mask": np.arange(n_total) < n_real}
 
 
-def run_steps(c, mesh, batches, num_steps=1, state=None, step=None):
-  """``num_steps`` steps per batch; returns the final state on the host and
-  the metrics of the last step."""
+def run_steps(c, mesh, batches, num_steps=1, state=None, step=None, hp=None):
+  """``num_steps`` steps per batch (hyper-parameters of epoch 1 unless
+  ``hp``); returns the final state on the host and the metrics of the last
+  step."""
   if state is None:
     state = state_lib.create_state(c, mesh, random_teacher(c))
   step = step or train_step.make_train_step(c, mesh)
-  hp = methods.make_hparams(c, epoch=1)
+  hp = methods.make_hparams(c, epoch=1) if hp is None else hp
   metrics = None
   for batch in batches:
     global_batch = parallel.host_local_to_global(batch, mesh)
@@ -224,18 +225,234 @@ def test_hparams_change_without_recompiling():
   assert float(metrics["learning_rate"]) == pytest.approx(0.001)
 
 
-def test_bfloat16_compute_keeps_float32_state():
-  c = tiny_config()
-  c.dtype = "bfloat16"
+# bfloat16 keeps 8 significant bits: unit roundoff u = 2^-8 ≈ 3.9e-3.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+# The loss is a float32 mean over the batch of terms computed from float32
+# logits; the bf16 forward perturbs those logits by a few roundings of
+# relative size u, which the mean does not amplify: one u bounds it (measured:
+# ~1e-5 relative). A step that skipped an update changes it by far more.
+BF16_LOSS_RTOL = BF16_UNIT_ROUNDOFF
+# A leaf's update is a small residual of large contributions that cancel
+# (BatchNorm's backward subtracts the batch means of the incoming gradient),
+# so its relative error is u times that cancellation ratio: measured up to
+# ~45 u (early BN layers, batch 16 of 8×8 images). 64 u = 0.25 leaves
+# headroom, yet an update that is dropped, halved or doubled (relative error
+# >= 0.5) fails.
+BF16_UPDATE_RTOL = 64 * BF16_UNIT_ROUNDOFF
+
+
+def update_errors(initial, reference, candidate):
+  """``{leaf path: ‖w_cand − w_ref‖ / ‖w_ref − w_0‖}``: the error of a
+  path's parameter update relative to the reference update (both start at
+  ``initial``, so this compares the updates Δ = w − w_0 themselves)."""
+  def one(w_0, w_ref, w):
+    w_0, w_ref, w = (np.asarray(x, np.float64) for x in (w_0, w_ref, w))
+    reference_update = np.linalg.norm(w_ref - w_0)
+    assert reference_update > 0  # every leaf moves (weight decay at least)
+    return np.linalg.norm(w - w_ref) / reference_update
+  errors = jax.tree.map(one, initial, reference, candidate)
+  return {jax.tree_util.keystr(path): float(e)
+          for path, e in jax.tree_util.tree_leaves_with_path(errors)}
+
+
+def test_bfloat16_step_matches_float32_within_bfloat16_precision():
+  """bf16 compute keeps float32 state, and two steps give the float32
+  steps' loss and every parameter update up to bf16 rounding."""
   mesh = parallel.make_mesh()
-  final, metrics = run_steps(c, mesh, [make_batch(16, 16)], num_steps=2)
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    c = tiny_config()
+    c.dtype = dtype
+    state, initial = fresh_state(c, mesh, random_teacher(c))
+    runs[dtype] = (initial, *run_steps(c, mesh, [make_batch(16, 16)],
+                                       num_steps=2, state=state))
+  initial, reference, reference_metrics = runs["float32"]
+  initial_bf16, final, metrics = runs["bfloat16"]
+  # Same initial parameters: the comparison below is of the updates.
+  assert_trees_close(initial_bf16, initial, rtol=0, atol=0)
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(
       (final.student.params, final.student.batch_stats, final.slts.params,
        final.slts.opt_state)))
-  assert np.isfinite(metrics["loss"]) and metrics["loss"].dtype == np.float32
-  # Close to the float32 step (bf16 rounding only).
-  reference, _ = run_steps(tiny_config(), mesh, [make_batch(16, 16)],
-                           num_steps=2)
-  np.testing.assert_allclose(
-      jax.tree.leaves(final.student.params)[0],
-      jax.tree.leaves(reference.student.params)[0], atol=0.05)
+  assert metrics["loss"].dtype == np.float32
+  np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"],
+                             rtol=BF16_LOSS_RTOL)
+  for net in ("student", "slts"):
+    errors = update_errors(getattr(initial, net).params,
+                           getattr(reference, net).params,
+                           getattr(final, net).params)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < BF16_UPDATE_RTOL, (net, worst, errors[worst])
+
+
+# ---------------------------------------------------------------------------
+# Objectives of single methods, checked against updates computed here.
+
+
+def fresh_state(c, mesh, teacher):
+  """A new state and its host copy: the step donates (consumes) the device
+  buffers, and the hand computations need the values from before the step."""
+  state = state_lib.create_state(c, mesh, teacher)
+  return state, jax.device_get(state)
+
+
+def member(stacked, k):
+  """Network ``k`` of a stacked (SL-T) tree."""
+  return jax.tree.map(lambda x: x[k], stacked)
+
+
+def train_logits(model, params, batch_stats, batch):
+  """Train-mode logits (batch statistics of the real examples)."""
+  logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                          batch["image"], train=True, mask=batch["mask"],
+                          mutable=["batch_stats"])
+  return logits
+
+
+def sgd_step_by_hand(c, model, net, loss_of_logits, batch, lr):
+  """The parameters after one reference SGD step of ``net`` (a host
+  TrainState) on ``loss_of_logits(train-mode logits)``, computed without the
+  step under test: plain ``jax.grad`` and the reference optimiser."""
+  grads = jax.grad(lambda p: loss_of_logits(
+      train_logits(model, p, net.batch_stats, batch)))(net.params)
+  buffer, _ = state_lib.make_optimizer(c).update(grads, net.opt_state,
+                                                 net.params)
+  return optim.apply_sgd(net.params, buffer, lr)
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("warmup, epoch, factor", [
+    (20.0, 1, 0.05), (20.0, 10, 0.5), (20.0, 19, 0.95), (20.0, 20, 1.0),
+    (20.0, 21, 1.0), (20.0, 240, 1.0), (1.0, 1, 1.0), (1.0, 2, 1.0)])
+def test_dkd_warmup_factor_is_epoch_over_warmup_capped_at_one(warmup, epoch,
+                                                             factor):
+  """min(epoch / warmup, 1) with 1-indexed epochs: the first epoch already
+  trains with 1/warmup of DKD (mdistiller), ImageNet's warm-up 1 never
+  scales it."""
+  c = tiny_config("dkd")
+  c.loss.dkd_warmup = warmup
+  hp = methods.make_hparams(c, epoch)
+  assert float(hp.dkd_warmup_factor) == pytest.approx(factor, abs=1e-7)
+
+
+def test_dkd_step_scales_the_dkd_term_by_the_warmup_factor():
+  """Epoch 1 of a 20-epoch warm-up: loss = w_ce·CE + 0.05·DKD, and the
+  student's update is the gradient of exactly that loss."""
+  c = tiny_config("dkd")
+  c.loss.dkd_warmup = 20.0
+  mesh = parallel.make_mesh()
+  nets = state_lib.build_networks(c)
+  teacher = random_teacher(c)
+  state, before = fresh_state(c, mesh, teacher)
+  batch = make_batch(16, 16)
+  hp = methods.make_hparams(c, epoch=1)
+  assert float(hp.dkd_warmup_factor) == pytest.approx(0.05)
+  after, metrics = run_steps(c, mesh, [batch], state=state, hp=hp)
+
+  ce, dkd = float(metrics["student_ce"]), float(metrics["student_dkd"])
+  assert dkd > 0.05 * ce  # large enough for a wrong factor to show
+  assert float(metrics["loss"]) == pytest.approx(
+      float(hp.ce_weight) * ce + 0.05 * dkd, rel=1e-6)
+
+  z_t = nets.teacher.apply(teacher.variables, batch["image"], train=False)
+  labels, mask = batch["label"], batch["mask"]
+
+  def student_params(factor):
+    def loss(z_s):
+      return (hp.ce_weight * losses.cross_entropy(z_s, labels, mask) +
+              factor * losses.dkd_loss(z_s, z_t, labels, hp.dkd_alpha,
+                                       hp.dkd_beta, hp.temperature, mask))
+    return sgd_step_by_hand(c, nets.student, before.student, loss, batch,
+                            hp.learning_rate)
+
+  assert_trees_close(after.student.params, student_params(0.05), atol=1e-6)
+  # The comparison can tell the factor apart: unscaled DKD is far off.
+  assert max_abs_diff(after.student.params, student_params(1.0)) > 1e-4
+
+
+def test_slt_only_student_ignores_the_teacher():
+  """``slkd_slt_only``: the student's loss is the CE terms plus the fused
+  SL-T term only, so another teacher leaves the student's update unchanged
+  (while the SL-Ts, which learn from it, change); under ``slkd`` the same
+  change of teacher changes the student's update."""
+  mesh = parallel.make_mesh()
+  batch = make_batch(16, 16)
+
+  def one_step_per_teacher(method):
+    c = tiny_config(method)
+    step = train_step.make_train_step(c, mesh)  # compiled once per method
+    return [run_steps(c, mesh, [batch], step=step,
+                      state=state_lib.create_state(c, mesh,
+                                                   random_teacher(c, seed)))
+            for seed in (42, 7)]
+
+  (a, metrics_a), (b, metrics_b) = one_step_per_teacher("slkd_slt_only")
+  hp = methods.make_hparams(tiny_config("slkd_slt_only"), epoch=1)
+  for m in (metrics_a, metrics_b):
+    expected = ((hp.ce_weight + hp.fused_weight * hp.fused_ce_weight) *
+                m["student_ce"] +
+                hp.fused_weight * hp.fused_kd_weight * m["student_kd_fused"])
+    assert float(m["student_loss"]) == pytest.approx(float(expected),
+                                                     rel=1e-6)
+  # The teacher term exists but is left out of the loss ...
+  assert min(float(metrics_a["student_kd_teacher"]),
+             float(metrics_b["student_kd_teacher"])) > 1e-2
+  # ... the SL-Ts learn from the teacher, so the other one changes them ...
+  assert max_abs_diff(a.slts.params, b.slts.params) > 1e-4
+  # ... yet the student's update is the same, bit for bit (0·∇KD adds 0).
+  assert_trees_close(a.student, b.student, rtol=0, atol=0)
+
+  (c_a, _), (c_b, _) = one_step_per_teacher("slkd")
+  assert max_abs_diff(c_a.student.params, c_b.student.params) > 1e-4
+
+
+def test_slkd_seq_student_learns_from_the_updated_slts():
+  """SLKD*: each SL-T first steps on its own loss (labels and teacher only);
+  the student then learns from the teacher and from the fusion of the
+  *updated* SL-Ts' train-mode logits on the same batch."""
+  c = tiny_config("slkd_seq")
+  mesh = parallel.make_mesh()
+  nets = state_lib.build_networks(c)
+  teacher = random_teacher(c)
+  state, before = fresh_state(c, mesh, teacher)
+  batch = make_batch(16, 16)
+  hp = methods.make_hparams(c, epoch=1)
+  after, _ = run_steps(c, mesh, [batch], state=state, hp=hp)
+
+  z_t = nets.teacher.apply(teacher.variables, batch["image"], train=False)
+  labels, mask = batch["label"], batch["mask"]
+
+  def kd(z, target):
+    return losses.kd_loss(z, target, hp.temperature, mask)
+
+  def ce(z):
+    return losses.cross_entropy(z, labels, mask)
+
+  def slt_loss(z_j):
+    return hp.slt_ce_weight * ce(z_j) + hp.slt_kd_weight * kd(z_j, z_t)
+
+  olds = [member(before.slts, k) for k in range(c.slkd.num_slts)]
+  news = [sgd_step_by_hand(c, nets.slt, old, slt_loss, batch,
+                           hp.learning_rate) for old in olds]
+  for k, new in enumerate(news):  # no gradient from the student's term
+    assert_trees_close(member(after.slts.params, k), new, atol=1e-6)
+
+  def student_params(slt_params):
+    fused = losses.fuse_logits(jnp.stack([
+        train_logits(nets.slt, p, old.batch_stats, batch)
+        for p, old in zip(slt_params, olds)]), hp.fusion_weights)
+
+    def loss(z_s):
+      return (hp.ce_weight * ce(z_s) + hp.kd_weight * kd(z_s, z_t) +
+              hp.fused_weight * (hp.fused_ce_weight * ce(z_s) +
+                                 hp.fused_kd_weight * kd(z_s, fused)))
+    return sgd_step_by_hand(c, nets.student, before.student, loss, batch,
+                            hp.learning_rate)
+
+  assert_trees_close(after.student.params, student_params(news), atol=1e-6)
+  # Learning from the SL-Ts before their update would be measurably different.
+  stale = student_params([old.params for old in olds])
+  assert max_abs_diff(after.student.params, stale) > 1e-4

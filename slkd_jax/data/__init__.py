@@ -35,8 +35,10 @@ from typing import Any, Iterator, Protocol
 
 import jax
 
+from slkd_jax import errors
 
-class DatasetError(ValueError):
+
+class DatasetError(errors.UserError, ValueError):
   """A dataset is missing or malformed; the message says how to fix it."""
 
 
@@ -49,6 +51,23 @@ DATASET_INFO: dict[str, tuple[int, int]] = {
 DATASET_NAMES = ("cifar100", "imagenet2012", "digits", "synthetic")
 
 
+# The settings of ``config.data`` the pipelines read, with the defaults
+# ``slkd_jax.config.base_config()`` declares (a test keeps the two equal).
+# They fill in keys a partial config (a dict, in tests and notebooks) leaves
+# out; None means "automatic" and is never replaced.
+SETTINGS: dict[str, Any] = {
+    "source": "tfds",
+    "data_dir": None,
+    "drop_last": False,
+    "shuffle_buffer": 10_000,
+    "host_prefetch": 2,
+    "device_prefetch": 2,
+    "ram_budget_gb": None,
+    "num_threads": None,
+    "data_seed": 0,
+}
+
+
 def _get(config: Any, key: str, default: Any = None) -> Any:
   """``config.key`` for ConfigDicts, dicts and plain objects, else default."""
   if isinstance(config, dict):
@@ -57,6 +76,27 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key)
   except (AttributeError, KeyError):
     return default
+
+
+def setting(config: Any, key: str) -> Any:
+  """The data setting ``key`` (one of :data:`SETTINGS`) of ``config``.
+
+  The config's value as it is (0 stays 0, None stays None); the default of
+  :data:`SETTINGS` only where the config does not define ``key`` at all.
+  """
+  return _get(config, key, SETTINGS[key])
+
+
+def resolve_data_dir(config: Any) -> str | None:
+  """``config.data_dir`` with ``~`` expanded; None when unset or empty.
+
+  An empty string means the default, as None does: TFDS would otherwise
+  search the current directory (it treats ``''`` as a relative path).
+  """
+  value = setting(config, "data_dir")
+  if value is None or not str(value).strip():
+    return None
+  return os.path.expanduser(str(value))
 
 
 def dataset_info(name: str, data_config: Any = None) -> tuple[int, int]:
@@ -113,11 +153,14 @@ def create_datasets(data_config: Any, *, batch_size: int, eval_batch_size: int,
     data_config: attribute (or key) access to ``name`` ('cifar100' |
       'imagenet2012' | 'digits' | 'synthetic'), ``data_dir`` (TFDS data_dir,
       or for ``source='cifar-100-python'`` the folder holding
-      ``cifar-100-python/`` or that folder itself; None = TFDS default),
-      ``source`` ('tfds' | 'cifar-100-python', CIFAR-100 only),
+      ``cifar-100-python/`` or that folder itself; None or '' = TFDS
+      default), ``source`` ('tfds' | 'cifar-100-python', CIFAR-100 only),
       ``drop_last`` (default False: keep the last partial batch, masked, as
-      the reference does), and for synthetic data ``image_size``,
-      ``num_classes``, ``num_train``, ``num_test``.
+      the reference does), for ImageNet ``shuffle_buffer``,
+      ``host_prefetch``, ``device_prefetch``, ``ram_budget_gb``,
+      ``num_threads``, and for synthetic data ``image_size``,
+      ``num_classes``, ``num_train``, ``num_test``, ``data_seed``. Keys it
+      does not define take the defaults of :data:`SETTINGS`.
     batch_size: global training batch size (divisible by the device count).
     eval_batch_size: global evaluation batch size.
     seed: data seed; each epoch's order and augmentation derive from
@@ -163,10 +206,26 @@ def import_tfds():
   return tfds
 
 
+def tfds_said(error: BaseException) -> str:
+  """The first sentence of a TFDS error, on one line (TFDS's own messages
+  go on with advice that does not apply here, such as download=True)."""
+  text = " ".join(str(error).split())
+  head, dot, _ = text.partition(". ")
+  return f"{type(error).__name__}: {head}{dot.strip()}"
+
+
 def tfds_data_dirs(data_dir: str | None) -> str:
-  """The data_dir(s) TFDS searches, for error messages."""
+  """The directory TFDS searches for ``data_dir`` (None: its default), for
+  error messages and the ``tfds build`` command they suggest.
+
+  Asks TFDS itself where it can (its default is fixed when it is imported,
+  from ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+  """
   if data_dir:
     return str(data_dir)
-  return os.environ.get("TFDS_DATA_DIR",
-                        os.path.join(os.path.expanduser("~"),
-                                     "tensorflow_datasets"))
+  try:
+    from tensorflow_datasets.core import constants
+    default = constants.DATA_DIR
+  except ImportError:
+    default = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  return os.path.expanduser(str(default))

@@ -19,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import (DatasetError, _get, arrays, import_tfds,
-                           tfds_data_dirs)
+from slkd_jax.data import (DatasetError, arrays, import_tfds,
+                           resolve_data_dir, setting, tfds_data_dirs,
+                           tfds_said)
 
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)
@@ -38,17 +39,16 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 def _tfds_missing(data_dir: str | None, error: Exception) -> DatasetError:
+  """One line: where TFDS looked, what it said, how to prepare the data."""
   where = tfds_data_dirs(data_dir)
   return DatasetError(
       f"CIFAR-100 (TFDS dataset 'cifar100') could not be loaded from "
-      f"data_dir={where!r}; slkd_jax never downloads during training.\n"
-      f"To prepare it, on a machine with internet run\n"
-      f"  tfds build cifar100 --data_dir={where}\n"
-      f"and copy {os.path.join(where, 'cifar100')} here (or set data.data_dir "
-      f"to where it is). Or use the torchvision folder instead: set "
-      f"data.source='cifar-100-python' and data.data_dir to the folder that "
-      f"holds '{PYTHON_FOLDER}/' (from {PYTHON_URL}).\n"
-      f"TFDS said: {type(error).__name__}: {error}")
+      f"data_dir={where!r} ({tfds_said(error)}); slkd_jax never downloads "
+      f"during training: on a machine with internet run `tfds build cifar100 "
+      f"--data_dir={where}` and copy {os.path.join(where, 'cifar100')} here "
+      f"(or set data.data_dir to where it is), or use the torchvision folder: "
+      f"data.source='cifar-100-python' and data.data_dir set to the folder "
+      f"holding '{PYTHON_FOLDER}/' (from {PYTHON_URL}).")
 
 
 def load_tfds(data_dir: str | None = None) -> tuple[Split, Split]:
@@ -96,14 +96,34 @@ def _python_dir(data_dir: str | None) -> str:
       f"a machine with internet. Or use data.source='tfds'.")
 
 
+def _load_pickle(path: str) -> dict[str, Any]:
+  """The dict stored in ``path``, or a one-line :class:`DatasetError` naming
+  the file when it cannot be read or is damaged (truncated download, partial
+  extraction, other bytes)."""
+  fix = (f"download {PYTHON_URL} again and re-extract it (it unpacks to "
+         f"'{PYTHON_FOLDER}/', replacing {os.path.dirname(path) or '.'})")
+  try:
+    with open(path, "rb") as f:
+      # The files are Python 2 pickles; 'bytes' keeps their keys as bytes.
+      entry = pickle.load(f, encoding="bytes")
+  except OSError as e:
+    raise DatasetError(f"{path}: cannot be read ({e.strerror or e}); check "
+                       f"its permissions, or {fix}.") from e
+  except Exception as e:  # noqa: BLE001 - damaged bytes raise almost anything.
+    why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+    raise DatasetError(f"{path}: not a readable CIFAR-100 pickle ({why}); the "
+                       f"file is damaged or incomplete: {fix}.") from e
+  if not isinstance(entry, dict):
+    raise DatasetError(f"{path}: holds a {type(entry).__name__}, not the dict "
+                       f"of a CIFAR-100 pickle; {fix}.")
+  return {k.decode() if isinstance(k, bytes) else k: v
+          for k, v in entry.items()}
+
+
 def _read_pickle(path: str) -> tuple[np.ndarray, np.ndarray]:
   """One split of the pickle format: ``data`` [N, 3072] uint8 (1024 red,
   1024 green, 1024 blue values, row-major), ``fine_labels`` [N]."""
-  with open(path, "rb") as f:
-    # The files are Python 2 pickles; 'bytes' keeps their keys as bytes.
-    entry = pickle.load(f, encoding="bytes")
-  entry = {k.decode() if isinstance(k, bytes) else k: v
-           for k, v in entry.items()}
+  entry = _load_pickle(path)
   if "data" not in entry or "fine_labels" not in entry:
     raise DatasetError(f"{path}: not a CIFAR-100 pickle (keys "
                        f"{sorted(entry)}; expected 'data' and 'fine_labels').")
@@ -125,8 +145,8 @@ def load_python(data_dir: str | None) -> tuple[Split, Split]:
 
 def load(data_config: Any) -> tuple[Split, Split]:
   """Both splits from the source the config names, checked."""
-  source = _get(data_config, "source", None) or "tfds"
-  data_dir = _get(data_config, "data_dir", None)
+  source = setting(data_config, "source")
+  data_dir = resolve_data_dir(data_config)
   if source == "tfds":
     train, test = load_tfds(data_dir)
   elif source == PYTHON_FOLDER:
@@ -149,4 +169,4 @@ def create(data_config: Any, *, batch_size: int, eval_batch_size: int,
       train, test, mean=MEAN, std=STD, augment=AUGMENT,
       num_classes=NUM_CLASSES, batch_size=batch_size,
       eval_batch_size=eval_batch_size, seed=seed, mesh=mesh,
-      drop_last=bool(_get(data_config, "drop_last", False)))
+      drop_last=bool(setting(data_config, "drop_last")))

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import DatasetError, _get, arrays
+from slkd_jax.data import DatasetError, arrays, setting
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -94,4 +94,4 @@ def create(data_config: Any, *, batch_size: int, eval_batch_size: int,
       train, test, mean=mean, std=std,
       augment=arrays.Augment(pad=4, flip=False), num_classes=NUM_CLASSES,
       batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
-      mesh=mesh, drop_last=bool(_get(data_config, "drop_last", False)))
+      mesh=mesh, drop_last=bool(setting(data_config, "drop_last")))

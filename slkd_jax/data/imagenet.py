@@ -32,8 +32,9 @@ import jax
 import numpy as np
 
 from slkd_jax import parallel
-from slkd_jax.data import (DatasetError, _get, arrays, import_tfds,
-                           tfds_data_dirs)
+from slkd_jax.data import (DatasetError, arrays, import_tfds,
+                           resolve_data_dir, setting, tfds_data_dirs,
+                           tfds_said)
 
 NAME = "imagenet2012"
 NUM_CLASSES = 1000
@@ -43,25 +44,23 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 
-# Per-process defaults, all overridable from the data config.
-SHUFFLE_BUFFER = 10_000  # encoded JPEGs (~110 kB each) held for shuffling
-HOST_PREFETCH = 2  # batches tf.data prepares ahead
-DEVICE_PREFETCH = 2  # batches already transferred to the devices
+# Per-process pipeline settings come from the data config (config.data;
+# defaults in slkd_jax.data.SETTINGS): shuffle_buffer (encoded JPEGs of
+# ~110 kB each), host_prefetch, device_prefetch, ram_budget_gb, num_threads.
 
 
 def _missing(data_dir: str | None, error: Exception) -> DatasetError:
+  """One line: where TFDS looked, what it said, how to prepare ImageNet."""
   where = tfds_data_dirs(data_dir)
   return DatasetError(
       f"ImageNet (TFDS dataset '{NAME}') could not be loaded from "
-      f"data_dir={where!r}; slkd_jax never downloads during training.\n"
-      f"TFDS cannot download ImageNet itself. To prepare it:\n"
-      f"  1. download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-      f"from https://image-net.org (login required);\n"
-      f"  2. put both in {where}/downloads/manual/ ;\n"
-      f"  3. run: tfds build {NAME} --data_dir={where}\n"
-      f"     (or --manual_dir=DIR if the archives are elsewhere);\n"
-      f"then set data.data_dir={where!r} on every host.\n"
-      f"TFDS said: {type(error).__name__}: {error}")
+      f"data_dir={where!r} ({tfds_said(error)}); slkd_jax never downloads "
+      f"during training and TFDS cannot download ImageNet itself: download "
+      f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+      f"https://image-net.org (login required) into {where}/downloads/manual/"
+      f", run `tfds build {NAME} --data_dir={where}` (or --manual_dir=DIR if "
+      f"the archives are elsewhere), then set data.data_dir={where!r} on "
+      f"every host.")
 
 
 def _builder(data_dir: str | None):
@@ -128,11 +127,11 @@ def _options(data_config: Any):
   options = tf.data.Options()
   options.deterministic = True  # exact resume needs a fixed order.
   options.experimental_optimization.map_parallelization = True
-  ram_gb = _get(data_config, "ram_budget_gb", None)
-  if ram_gb:
+  ram_gb = setting(data_config, "ram_budget_gb")
+  if ram_gb is not None:  # None: tf.data's own budget (half the RAM)
     options.autotune.ram_budget = int(ram_gb * 2**30)
-  threads = _get(data_config, "num_threads", None)
-  if threads:
+  threads = setting(data_config, "num_threads")
+  if threads is not None:  # None: TF's shared inter-op pool
     options.threading.private_threadpool_size = int(threads)
   return options
 
@@ -221,14 +220,14 @@ class ImageNetTrainData:
                seed: int, mesh: jax.sharding.Mesh):
     parallel.check_global_batch(batch_size, mesh, "batch_size")
     self._builder, self._mesh, self._config = builder, mesh, data_config
-    self._data_dir = _get(data_config, "data_dir", None)
+    self._data_dir = resolve_data_dir(data_config)
     shards = _process_splits(TRAIN_SPLIT)
     sizes = _shard_sizes(builder, shards, self._data_dir)
     self._split = shards[jax.process_index()]
     self.num_examples = sum(sizes)
     self.batch_size = batch_size
     self.local_batch_size = batch_size // jax.process_count()
-    drop_last = bool(_get(data_config, "drop_last", False))
+    drop_last = bool(setting(data_config, "drop_last"))
     n, b = self.num_examples, batch_size
     self.steps_per_epoch = n // b if drop_last else -(-n // b)
     if self.steps_per_epoch == 0:
@@ -251,8 +250,8 @@ class ImageNetTrainData:
     epoch_seed = _epoch_seed(self.seed, epoch)
     ds = _open(self._builder, self._split, self._data_dir,
                shuffle_seed=epoch_seed)
-    ds = ds.shuffle(int(_get(cfg, "shuffle_buffer", None) or SHUFFLE_BUFFER),
-                    seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.shuffle(int(setting(cfg, "shuffle_buffer")), seed=epoch_seed,
+                    reshuffle_each_iteration=False)
     ds = ds.take(self._keep).enumerate()
     start = start_step * self.local_batch_size
     # Skip before decoding, so resuming costs reading, not decoding.
@@ -269,7 +268,7 @@ class ImageNetTrainData:
     if pad > 0:
       ds = ds.concatenate(_padding(pad))
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    ds = ds.prefetch(int(_get(cfg, "host_prefetch", None) or HOST_PREFETCH))
+    ds = ds.prefetch(int(setting(cfg, "host_prefetch")))
     return ds.with_options(_options(cfg))
 
   def epoch(self, epoch: int, start_step: int = 0
@@ -278,7 +277,7 @@ class ImageNetTrainData:
     if not 0 <= start_step <= self.steps_per_epoch:
       raise ValueError(f"start_step={start_step} outside [0, "
                        f"{self.steps_per_epoch}].")
-    depth = int(_get(self._config, "device_prefetch", None) or DEVICE_PREFETCH)
+    depth = int(setting(self._config, "device_prefetch"))
     return _to_device(self.dataset(epoch, start_step), self._mesh,
                       self._normalize, depth)
 
@@ -291,7 +290,7 @@ class ImageNetEvalData:
                mesh: jax.sharding.Mesh):
     parallel.check_global_batch(batch_size, mesh, "eval_batch_size")
     self._builder, self._mesh, self._config = builder, mesh, data_config
-    self._data_dir = _get(data_config, "data_dir", None)
+    self._data_dir = resolve_data_dir(data_config)
     shards = _process_splits(EVAL_SPLIT)
     sizes = _shard_sizes(builder, shards, self._data_dir)
     self._split = shards[jax.process_index()]
@@ -318,19 +317,18 @@ class ImageNetEvalData:
     if pad > 0:
       ds = ds.concatenate(_padding(pad))
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    ds = ds.prefetch(int(_get(self._config, "host_prefetch", None) or
-                         HOST_PREFETCH))
+    ds = ds.prefetch(int(setting(self._config, "host_prefetch")))
     return ds.with_options(_options(self._config))
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    depth = int(_get(self._config, "device_prefetch", None) or DEVICE_PREFETCH)
+    depth = int(setting(self._config, "device_prefetch"))
     return _to_device(self.dataset(), self._mesh, self._normalize, depth)
 
 
 def create(data_config: Any, *, batch_size: int, eval_batch_size: int,
            seed: int, mesh: jax.sharding.Mesh):
   """ImageNet training and evaluation data (see :func:`create_datasets`)."""
-  builder = _builder(_get(data_config, "data_dir", None))
+  builder = _builder(resolve_data_dir(data_config))
   train = ImageNetTrainData(builder, data_config, batch_size=batch_size,
                             seed=seed, mesh=mesh)
   evaluation = ImageNetEvalData(builder, data_config,

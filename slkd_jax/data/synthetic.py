@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import DatasetError, _get, arrays
+from slkd_jax.data import DatasetError, _get, arrays, setting
 
 DEFAULTS = dict(image_size=32, num_classes=10, num_train=1024, num_test=256)
 # Statistics of uniform bytes in [0, 255] scaled to [0, 1].
@@ -64,11 +64,11 @@ def create(data_config: Any, *, batch_size: int, eval_batch_size: int,
                        f"{num_test}.")
   # The data itself is fixed by ``data_seed`` (default 0), not by the run's
   # seed, as a real dataset would be; train and test use distinct streams.
-  data_seed = int(_get(data_config, "data_seed", None) or 0)
+  data_seed = int(setting(data_config, "data_seed"))
   train = make_arrays(num_train, image_size, num_classes, 2 * data_seed)
   test = make_arrays(num_test, image_size, num_classes, 2 * data_seed + 1)
   return arrays.make_array_datasets(
       train, test, mean=MEAN, std=STD, augment=arrays.Augment(pad=4, flip=True),
       num_classes=num_classes, batch_size=batch_size,
       eval_batch_size=eval_batch_size, seed=seed, mesh=mesh,
-      drop_last=bool(_get(data_config, "drop_last", False)))
+      drop_last=bool(setting(data_config, "drop_last")))

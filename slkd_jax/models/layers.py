@@ -11,21 +11,36 @@ where flax's defaults differ:
 * initialisers are PyTorch's (He normal with fan_out, or PyTorch's default
   uniform ``±1/sqrt(fan_in)`` for weights and biases).
 
-Every module takes a compute ``dtype``; parameters and BatchNorm statistics
-stay float32.
+Every module takes a compute ``dtype``. Parameters, BatchNorm statistics and
+logits are *at least* float32 (:func:`param_dtype`): float32 under bfloat16 or
+float32 compute, float64 under float64 compute (the exact reference tests).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slkd_jax.models.outputs import Outputs
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+
+def param_dtype(dtype: Dtype) -> jnp.dtype:
+  """The storage dtype of parameters, statistics and logits for ``dtype``.
+
+  At least float32: bfloat16 compute keeps float32 master weights (its
+  rounding would stall SGD), while float64 compute keeps float64 everywhere
+  so that a float64 run is float64 end to end (promote, never demote).
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
 
 # ---------------------------------------------------------------------------
 # Initialisers.
@@ -74,7 +89,7 @@ class Conv(nn.Module):
     use_bias: add a bias.
     init_scheme: ``'he_fan_out'`` (kaiming_normal fan_out; bias 0) or
       ``'torch'`` (PyTorch's default uniform for weight and bias).
-    dtype: compute dtype; parameters are float32.
+    dtype: compute dtype; parameters are :func:`param_dtype` of it.
   """
   features: int
   kernel_size: int
@@ -99,7 +114,7 @@ class Conv(nn.Module):
                        f"{self.init_scheme!r}")
     kernel = self.param("kernel", kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features),
-                        jnp.float32)
+                        param_dtype(self.dtype))
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype),
         window_strides=(self.strides, self.strides),
@@ -107,7 +122,8 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.groups)
     if self.use_bias:
-      bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+      bias = self.param("bias", bias_init, (self.features,),
+                        param_dtype(self.dtype))
       y = y + bias.astype(self.dtype)
     return y
 
@@ -125,7 +141,8 @@ class Linear(nn.Module):
   ``'torch'``: PyTorch's default uniform (weight and bias);
   ``'torch_zero_bias'``: PyTorch's default weight, bias 0 (WRN);
   ``'normal'``: N(0, 0.01) weight, bias 0 (VGG, MobileNetV2).
-  The output is float32 whatever the compute dtype: logits feed the losses.
+  Parameters and the output are :func:`param_dtype` of the compute dtype
+  (float32 under bfloat16): logits feed the losses.
   """
   features: int
   init_scheme: str = "torch"
@@ -144,11 +161,11 @@ class Linear(nn.Module):
       raise ValueError(f"Linear.init_scheme must be 'torch', "
                        f"'torch_zero_bias' or 'normal', got "
                        f"{self.init_scheme!r}")
-    kernel = self.param("kernel", kernel_init, (fan_in, self.features),
-                        jnp.float32)
-    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    pdtype = param_dtype(self.dtype)
+    kernel = self.param("kernel", kernel_init, (fan_in, self.features), pdtype)
+    bias = self.param("bias", bias_init, (self.features,), pdtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    return y.astype(jnp.float32) + bias
+    return y.astype(pdtype) + bias
 
 
 class BatchNorm(nn.Module):
@@ -156,8 +173,9 @@ class BatchNorm(nn.Module):
 
   Train mode normalises with the biased batch variance and updates the running
   statistics as PyTorch does: ``running = 0.9 * running + 0.1 * batch`` with
-  the *unbiased* variance ``var * n / (n - 1)``. Statistics are float32 even
-  under bfloat16 compute. Eval mode uses the running statistics.
+  the *unbiased* variance ``var * n / (n - 1)``. Normalisation, parameters and
+  statistics are in :func:`param_dtype` (float32 even under bfloat16 compute,
+  float64 under float64). Eval mode uses the running statistics.
 
   ``mask`` (shape ``[B]``, bool/0-1) excludes padded examples from the batch
   statistics, so a padded final batch behaves exactly like the smaller real
@@ -173,22 +191,23 @@ class BatchNorm(nn.Module):
   def __call__(self, x: jax.Array, train: bool,
                mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    sdtype = param_dtype(self.dtype)
+    scale = self.param("scale", nn.initializers.ones, (c,), sdtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), sdtype)
     ra_mean = self.variable("batch_stats", "mean",
-                            lambda: jnp.zeros((c,), jnp.float32))
+                            lambda: jnp.zeros((c,), sdtype))
     ra_var = self.variable("batch_stats", "var",
-                           lambda: jnp.ones((c,), jnp.float32))
-    xf = x.astype(jnp.float32)
+                           lambda: jnp.ones((c,), sdtype))
+    xf = x.astype(sdtype)
     if train:
       axes = tuple(range(x.ndim - 1))
       per_example = math.prod(x.shape[1:-1])
       if mask is None:
-        n = jnp.asarray(x.shape[0] * per_example, jnp.float32)
+        n = jnp.asarray(x.shape[0] * per_example, sdtype)
         mean = xf.mean(axes)
         var = jnp.square(xf - mean).mean(axes)
       else:
-        w = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        w = mask.astype(sdtype).reshape((-1,) + (1,) * (x.ndim - 1))
         n = jnp.sum(w) * per_example
         safe_n = jnp.maximum(n, 1.0)
         mean = jnp.sum(xf * w, axes) / safe_n
@@ -221,21 +240,51 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
-def classifier_head(x: jax.Array, features: list[jax.Array], num_classes: int,
-                    init_scheme: str, dtype: Dtype, name: str,
-                    return_features: bool):
+def classifier_head(x: jax.Array, num_classes: int, init_scheme: str,
+                    dtype: Dtype, name: str, features: bool = False,
+                    feats: Sequence[jax.Array] = (),
+                    preact_feats: Sequence[jax.Array] = ()):
   """Global average pool + the classifier ``Linear`` named ``name``.
 
   Call inside a compact method (the Linear becomes the caller's submodule).
-  Returns logits, or ``(logits, features + [pooled])`` when
-  ``return_features``: the pooled embedding (float32) closes every model's
-  feature list.
+
+  Args:
+    x: the final feature map, NHWC.
+    num_classes: classifier width.
+    init_scheme: the Linear's ``init_scheme``.
+    dtype: compute dtype.
+    name: the classifier's PyTorch attribute name.
+    features: return :class:`Outputs` instead of the bare logits.
+    feats: the network's ``Outputs.feats`` (ignored unless ``features``).
+    preact_feats: its ``Outputs.preact_feats`` (ignored unless ``features``).
+
+  Returns:
+    Logits, or with ``features`` an :class:`Outputs` whose ``pooled_feat`` is
+    the classifier's input in :func:`param_dtype` (as the logits).
   """
   pooled = global_avg_pool(x)
   logits = Linear(num_classes, init_scheme, dtype, name=name)(pooled)
-  if return_features:
-    return logits, features + [pooled.astype(jnp.float32)]
-  return logits
+  if not features:
+    return logits
+  return Outputs(logits, tuple(feats), tuple(preact_feats),
+                 pooled.astype(param_dtype(dtype)))
+
+
+def apply_stage(blocks: Sequence[nn.Module], x: jax.Array, train: bool,
+                mask=None, preact: bool = False
+                ) -> tuple[jax.Array, jax.Array | None]:
+  """Apply ``blocks`` in order: a stage's output and, if asked, its preact.
+
+  With ``preact``, the last block is called with ``return_preact=True`` and
+  must return ``(out, preact)``, as mdistiller's ``is_last`` blocks do;
+  otherwise every block is called exactly as without features (so a
+  logits-only forward traces the same program) and the preact is ``None``.
+  """
+  for block in blocks[:-1]:
+    x = block(x, train, mask)
+  if preact:
+    return blocks[-1](x, train, mask, return_preact=True)
+  return blocks[-1](x, train, mask), None
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0

@@ -35,32 +35,37 @@ class MobileNetV1(nn.Module):
   ``model_0_{0,1}`` for the stem, ``model_i_{0,1,3,4}`` for the depthwise and
   pointwise conv/BN pairs of layer i (indices 2 and 5 are ReLUs).
 
-  Features (``return_features=True``): the outputs of layers 3, 5, 11 and 13
-  (mdistiller's four post-ReLU stage features) and the pooled embedding.
+  Features (``features=True``, mdistiller imagenet/mobilenetv1.py
+  ``forward``): ``feats`` = the outputs of layers 3, 5, 11 and 13 (four
+  entries, no stem; 56, 28, 14 and 7 pixels at 224), ``preact_feats`` = the
+  same before their last ReLU (the pointwise BN outputs), ``pooled_feat`` =
+  the classifier input.
   """
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     d = self.dtype
     x = conv_bn(TorchConv(32, 3, 2, 1, dtype=d, name="model_0_0"),
                 "model_0_1", x, train, mask)
-    features = []
+    feats, preacts = [], []
     for i, (out, stride) in enumerate(_SEPARABLE, start=1):
       c = x.shape[-1]
       x = conv_bn(TorchConv(c, 3, stride, 1, groups=c, dtype=d,
                             name=f"model_{i}_0"), f"model_{i}_1", x, train,
                   mask)
-      x = conv_bn(TorchConv(out, 1, 1, 0, dtype=d, name=f"model_{i}_3"),
-                  f"model_{i}_4", x, train, mask)
+      preact = conv_bn(TorchConv(out, 1, 1, 0, dtype=d, name=f"model_{i}_3"),
+                       f"model_{i}_4", x, train, mask, relu=False)
+      x = nn.relu(preact)
       if i in _FEATURE_LAYERS:
-        features.append(x)
+        feats.append(x)
+        preacts.append(preact)
     # The reference ends with AvgPool2d(7), the whole 7×7 map at 224 pixels;
     # a global mean is the same there and also serves smaller inputs.
-    return classifier_head(x, features, self.num_classes, "torch",
-                           d, "fc", return_features)
+    return classifier_head(x, self.num_classes, "torch", d, "fc", features,
+                           feats, preacts)
 
 
 @register("imagenet_mobilenetv1", image_size=224, num_classes=1000)

@@ -57,34 +57,37 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
   """RepDistiller's ``mobile_half`` (MobileNetV2 ×0.5, t = 6) for CIFAR.
 
-  Features (``return_features=True``): the stem output, the outputs of block
-  groups 1, 2, 4 and 6 (the reference's f1..f4, at 16, 8, 4 and 2 pixels on
-  32×32 inputs), the 1280-channel head output, and the pooled embedding (the
-  head's global average, i.e. the classifier input).
+  Features (``features=True``, mdistiller cifar/mobilenetv2.py
+  ``forward``): ``feats`` = [stem, outputs of block groups 1, 2, 4 and 6]
+  (f0..f4, at 16, 16, 8, 4 and 2 pixels on 32×32 inputs; not the 1280-wide
+  head); ``pooled_feat`` = the head's global average, the classifier input.
+  mdistiller's MobileNetV2 has no ``preact_feats``; ours repeats ``feats``:
+  a group ends in a linear bottleneck (no ReLU), so its output already is
+  the output of the BN its ``get_bn_before_relu`` names (plus the
+  residual), and the stem entry is post-ReLU as in the other families.
   """
   num_classes: int = 100
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     d = self.dtype
     x = conv_bn(Conv(16, 3, 2, 1, dtype=d, name="conv1_0"), "conv1_1",
                 x, train, mask)
-    features = [x]
+    feats = [x]
     for s, (t, c, n, first_stride) in enumerate(_HALF_SETTING):
       for i in range(n):
         x = InvertedResidual(c, first_stride if i == 0 else 1, t, d,
                              name=f"blocks_{s}_{i}")(x, train, mask)
       if s in _FEATURE_STAGES:
-        features.append(x)
+        feats.append(x)
     x = conv_bn(Conv(1280, 1, 1, 0, dtype=d, name="conv2_0"), "conv2_1",
                 x, train, mask)
-    features.append(x)
     # The reference's AvgPool2d(H, ceil_mode=True) covers the whole final map;
     # a global mean is the same and also works for other input sizes.
-    return classifier_head(x, features, self.num_classes, "normal",
-                           d, "classifier_0", return_features)
+    return classifier_head(x, self.num_classes, "normal", d, "classifier_0",
+                           features, feats, feats)
 
 
 @register("MobileNetV2")

@@ -70,14 +70,16 @@ def create(name: str, num_classes: int | None = None,
     name: registry name, e.g. ``'resnet32x4'`` or ``'imagenet_resnet18'``.
     num_classes: classifier width (default: 100 for CIFAR models, 1000 for
       ImageNet models).
-    dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters
-      and BatchNorm statistics stay float32 and logits are float32.
+    dtype: compute dtype (``jnp.float32``, ``jnp.bfloat16`` or
+      ``jnp.float64``); parameters, BatchNorm statistics and logits are at
+      least float32 (float64 under float64, see ``layers.param_dtype``).
 
   Returns:
     A module called as ``module.apply(variables, images, train=bool,
-    return_features=False, mask=None)`` on NHWC images, returning logits
-    ``[B, num_classes]`` (and, with ``return_features=True``, a list of the
-    stage feature maps followed by the pooled embedding).
+    features=False, mask=None)`` on NHWC images, returning logits
+    ``[B, num_classes]``; with ``features=True`` it returns an
+    :class:`slkd_jax.models.Outputs` (logits plus mdistiller's ``feats``,
+    ``preact_feats`` and ``pooled_feat``).
   """
   model = info(name)
   if num_classes is None:

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import BatchNorm, Conv, classifier_head
+from slkd_jax.models.layers import (BatchNorm, Conv, apply_stage,
+                                    classifier_head)
 from slkd_jax.models.registry import register
 
 
@@ -23,14 +24,16 @@ class BasicBlock(nn.Module):
   """conv3×3(stride)-BN-ReLU-conv3×3-BN + shortcut, then ReLU.
 
   The shortcut is a 1×1 conv (stride) + BN whenever the stride or the channel
-  count changes, the identity otherwise.
+  count changes, the identity otherwise. With ``return_preact`` it returns
+  ``(out, preact)``, ``preact`` the sum before the final ReLU (mdistiller's
+  ``is_last`` block output).
   """
   planes: int
   strides: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None, return_preact: bool = False):
     out = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype,
                name="conv1")(x)
     out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train, mask))
@@ -40,14 +43,18 @@ class BasicBlock(nn.Module):
       x = Conv(self.planes, 1, self.strides, 0, dtype=self.dtype,
                name="downsample_0")(x)
       x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train, mask)
-    return nn.relu(out + x)
+    preact = out + x
+    out = nn.relu(preact)
+    return (out, preact) if return_preact else out
 
 
 class CifarResNet(nn.Module):
   """ResNet of depth ``6n+2`` for 32×32 inputs.
 
-  Features (``return_features=True``): the stem output, the three stage
-  outputs (post-ReLU feature maps) and the pooled embedding.
+  Features (``features=True``, mdistiller cifar/resnet.py ``forward``):
+  ``feats`` = [stem, stage1, stage2, stage3] (post-ReLU), ``preact_feats`` =
+  [stem, the three stages' sums before their last ReLU], ``pooled_feat`` =
+  the classifier input.
   """
   depth: int
   widths: Sequence[int]  # stem, stage1, stage2, stage3
@@ -56,21 +63,22 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     if (self.depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
     n = (self.depth - 2) // 6
     x = Conv(self.widths[0], 3, 1, 1, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
-    features = [x]
+    feats, preacts = [x], [x]
     for stage, planes in enumerate(self.widths[1:]):
-      for i in range(n):
-        strides = 2 if (stage > 0 and i == 0) else 1
-        x = BasicBlock(planes, strides, self.dtype,
-                       name=f"layer{stage + 1}_{i}")(x, train, mask)
-      features.append(x)
-    return classifier_head(x, features, self.num_classes, "torch",
-                           self.dtype, "fc", return_features)
+      blocks = [BasicBlock(planes, 2 if (stage > 0 and i == 0) else 1,
+                           self.dtype, name=f"layer{stage + 1}_{i}")
+                for i in range(n)]
+      x, preact = apply_stage(blocks, x, train, mask, features)
+      feats.append(x)
+      preacts.append(preact)
+    return classifier_head(x, self.num_classes, "torch", self.dtype, "fc",
+                           features, feats, preacts)
 
 
 def _register(name: str, depth: int, widths: Sequence[int]) -> None:

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import BatchNorm, Conv, classifier_head, max_pool
+from slkd_jax.models.layers import (BatchNorm, Conv, apply_stage,
+                                    classifier_head, max_pool)
 from slkd_jax.models.registry import register
 # torchvision's BasicBlock has exactly the CIFAR ResNet's structure and names.
 from slkd_jax.models.resnet_cifar import BasicBlock
@@ -36,7 +37,8 @@ class Bottleneck(nn.Module):
   count changes, the identity otherwise. ``shortcut_name`` is the PyTorch
   attribute holding it (``'downsample'`` in torchvision, ``'shortcut'`` in
   RepDistiller), so the parameters are ``<name>_0`` (conv) and ``<name>_1``
-  (BN).
+  (BN). With ``return_preact`` it returns ``(out, preact)``, ``preact`` the
+  sum before the final ReLU.
   """
   planes: int
   strides: int = 1
@@ -46,7 +48,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None, return_preact: bool = False):
     out_channels = self.expansion * self.planes
     out = Conv(self.planes, 1, 1, 0, dtype=self.dtype, name="conv1")(x)
     out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train, mask))
@@ -60,7 +62,9 @@ class Bottleneck(nn.Module):
                name=f"{self.shortcut_name}_0")(x)
       x = BatchNorm(dtype=self.dtype,
                     name=f"{self.shortcut_name}_1")(x, train, mask)
-    return nn.relu(out + x)
+    preact = out + x
+    out = nn.relu(preact)
+    return (out, preact) if return_preact else out
 
 
 class ResNet(nn.Module):
@@ -76,8 +80,18 @@ class ResNet(nn.Module):
     num_classes: classifier width.
     dtype: compute dtype.
 
-  Features (``return_features=True``): the stem output (after the max-pool for
-  ImageNet), the four stage outputs (post-ReLU) and the pooled embedding.
+  Features (``features=True``), five entries each, as mdistiller's
+  ``forward``: ``feats`` = [stem, stage1..stage4] post-ReLU, ``preact_feats``
+  = [stem, each stage's last residual sum before its ReLU], ``pooled_feat``
+  = the classifier input. The stem entry is post-ReLU in both lists, but
+  where it is taken differs between the two references:
+
+  * ImageNet (mdistiller imagenet/resnet.py): *before* the max-pool (112 px
+    at 224). mdistiller means ``preact_feats[0]`` to be bn1's output
+    (``stem = x; x = self.relu(x)``), but that ReLU is in-place, so the
+    tensor it returns (and its ImageNet ReviewKD student, ``STU_PREACT``,
+    trains on) is post-ReLU; we return what it returns.
+  * CIFAR (mdistiller cifar/resnetv2.py): the stem output, no max-pool.
   """
   stage_sizes: Sequence[int]
   bottleneck: bool
@@ -87,31 +101,38 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     if self.cifar:
       x = Conv(64, 3, 1, 1, dtype=self.dtype, name="conv1")(x)
     else:
       x = Conv(64, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+    feats, preacts = [x], [x]
     if not self.cifar:
       x = max_pool(x, 3, 2, 1)
-    features = [x]
     for stage, num_blocks in enumerate(self.stage_sizes):
-      planes = 64 * 2**stage
-      for i in range(num_blocks):
-        strides = 2 if (stage > 0 and i == 0) else 1
-        name = f"layer{stage + 1}_{i}"
-        if self.bottleneck:
-          block = Bottleneck(planes, strides,
-                             "shortcut" if self.cifar else "downsample",
-                             self.dtype, name=name)
-        else:
-          block = BasicBlock(planes, strides, self.dtype, name=name)
-        x = block(x, train, mask)
-      features.append(x)
-    return classifier_head(x, features, self.num_classes, "torch",
-                           self.dtype, "linear" if self.cifar else "fc",
-                           return_features)
+      x, preact = apply_stage(self._stage(stage, num_blocks), x, train,
+                              mask, features)
+      feats.append(x)
+      preacts.append(preact)
+    return classifier_head(x, self.num_classes, "torch", self.dtype,
+                           "linear" if self.cifar else "fc", features, feats,
+                           preacts)
+
+  def _stage(self, stage: int, num_blocks: int) -> list[nn.Module]:
+    """The blocks of stage ``stage`` (0-based), named ``layer{k}_{i}``."""
+    planes = 64 * 2**stage
+    blocks = []
+    for i in range(num_blocks):
+      strides = 2 if (stage > 0 and i == 0) else 1
+      name = f"layer{stage + 1}_{i}"
+      if self.bottleneck:
+        blocks.append(Bottleneck(planes, strides,
+                                 "shortcut" if self.cifar else "downsample",
+                                 self.dtype, name=name))
+      else:
+        blocks.append(BasicBlock(planes, strides, self.dtype, name=name))
+    return blocks
 
 
 def _register_imagenet(name: str, stage_sizes: Sequence[int],

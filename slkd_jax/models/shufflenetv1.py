@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (TorchConv, avg_pool, channel_shuffle,
-                                    classifier_head, conv_bn)
+from slkd_jax.models.layers import (TorchConv, apply_stage, avg_pool,
+                                    channel_shuffle, classifier_head, conv_bn)
 from slkd_jax.models.registry import register
 
 _OUT_PLANES = (240, 480, 960)
@@ -33,7 +33,9 @@ class Bottleneck(nn.Module):
   a 3×3/2 average pool of its input (padding counted, always ÷9); with stride
   1 it adds the identity. The first 1×1 conv is ungrouped when the input is
   the 24-channel stem (too few channels to split into groups), and the shuffle
-  then uses one group, i.e. is the identity, as in the reference.
+  then uses one group, i.e. is the identity, as in the reference. With
+  ``return_preact`` it returns ``(out, preact)``, ``preact`` the merge before
+  the final ReLU (the reference's ``is_last`` output).
   """
   features: int
   strides: int
@@ -41,7 +43,7 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None, return_preact: bool = False):
     d = self.dtype
     mid = self.features // 4
     g = 1 if x.shape[-1] == _STEM else self.groups
@@ -54,38 +56,46 @@ class Bottleneck(nn.Module):
                             dtype=d, name="conv3"), "bn3", out, train, mask,
                   relu=False)
     if self.strides == 2:
-      return nn.relu(jnp.concatenate([out, avg_pool(x, 3, 2, 1)], axis=-1))
-    return nn.relu(out + x)
+      preact = jnp.concatenate([out, avg_pool(x, 3, 2, 1)], axis=-1)
+    else:
+      preact = out + x
+    out = nn.relu(preact)
+    return (out, preact) if return_preact else out
 
 
 class ShuffleNetV1(nn.Module):
   """RepDistiller's ``ShuffleV1`` for CIFAR.
 
-  Features (``return_features=True``): the stem output, the three stage
-  outputs (post-ReLU, at 16, 8 and 4 pixels on 32×32 inputs) and the pooled
-  embedding.
+  Features (``features=True``, mdistiller cifar/ShuffleNetv1.py
+  ``forward``): ``feats`` = [stem, the three stage outputs] (post-ReLU, at
+  32, 16, 8 and 4 pixels on 32×32 inputs); ``preact_feats`` = [stem, each
+  stage's last unit before its final ReLU]; ``pooled_feat`` = the classifier
+  input.
   """
   num_classes: int = 100
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     d = self.dtype
     x = conv_bn(TorchConv(_STEM, 1, 1, 0, dtype=d, name="conv1"),
                 "bn1", x, train, mask)
-    features = [x]
+    feats, preacts = [x], [x]
     for stage, (planes, blocks) in enumerate(zip(_OUT_PLANES, _NUM_BLOCKS)):
+      units = []
       for i in range(blocks):
         # The first unit's branch only adds the channels the pooled input
         # does not already supply.
-        branch = planes - x.shape[-1] if i == 0 else planes
-        x = Bottleneck(branch, 2 if i == 0 else 1, _GROUPS, d,
-                       name=f"layer{stage + 1}_{i}")(x, train, mask)
-      features.append(x)
+        branch = planes - (x.shape[-1] if i == 0 else 0)
+        units.append(Bottleneck(branch, 2 if i == 0 else 1, _GROUPS, d,
+                                name=f"layer{stage + 1}_{i}"))
+      x, preact = apply_stage(units, x, train, mask, features)
+      feats.append(x)
+      preacts.append(preact)
     # The reference's avg_pool2d(out, 4) covers the whole 4×4 map.
-    return classifier_head(x, features, self.num_classes, "torch",
-                           d, "linear", return_features)
+    return classifier_head(x, self.num_classes, "torch", d, "linear",
+                           features, feats, preacts)
 
 
 @register("ShuffleV1")

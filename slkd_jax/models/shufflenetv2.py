@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax.models.layers import (TorchConv, channel_shuffle,
+from slkd_jax.models.layers import (TorchConv, apply_stage, channel_shuffle,
                                     classifier_head, conv_bn)
 from slkd_jax.models.registry import register
 
@@ -58,11 +58,15 @@ class BasicBlock(nn.Module):
   """Stride-1 unit: split the channels in half, keep the first half, transform
   the second (1×1 + BN + ReLU → depthwise 3×3 + BN → 1×1 + BN + ReLU),
   concatenate ``[kept, transformed]`` and shuffle with 2 groups.
+
+  With ``return_preact`` it returns ``(out, preact)`` as the reference's
+  ``is_last`` unit: ``preact = [kept, bn3 output before its ReLU]``,
+  concatenated but *not* shuffled (ShuffleNetv2.py ``BasicBlock.forward``).
   """
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None, return_preact: bool = False):
     d = self.dtype
     c = x.shape[-1] // 2  # split ratio 0.5, int() as in the reference
     kept, out = x[..., :c], x[..., c:]
@@ -70,42 +74,49 @@ class BasicBlock(nn.Module):
                   "bn1", out, train, mask)
     out = conv_bn(TorchConv(c, 3, 1, 1, groups=c, dtype=d, name="conv2"),
                   "bn2", out, train, mask, relu=False)
-    out = conv_bn(TorchConv(c, 1, 1, 0, dtype=d, name="conv3"),
-                  "bn3", out, train, mask)
-    return channel_shuffle(jnp.concatenate([kept, out], axis=-1), 2)
+    preact = conv_bn(TorchConv(c, 1, 1, 0, dtype=d, name="conv3"),
+                     "bn3", out, train, mask, relu=False)
+    merged = jnp.concatenate([kept, nn.relu(preact)], axis=-1)
+    out = channel_shuffle(merged, 2)
+    if return_preact:
+      return out, jnp.concatenate([kept, preact], axis=-1)
+    return out
 
 
 class ShuffleNetV2(nn.Module):
   """RepDistiller's ``ShuffleV2`` (net_size 1) for CIFAR.
 
-  Features (``return_features=True``): the stem output, the three stage
-  outputs (at 16, 8 and 4 pixels on 32×32 inputs), the 1024-channel head
-  output, and the pooled embedding (the head's global average, i.e. the
-  classifier input).
+  Features (``features=True``, mdistiller cifar/ShuffleNetv2.py
+  ``forward``): ``feats`` = [stem, the three stage outputs] (at 32, 16, 8
+  and 4 pixels on 32×32 inputs; not the 1024-wide head); ``preact_feats`` =
+  [stem, each stage's last unit's unshuffled preact, see
+  :class:`BasicBlock`]; ``pooled_feat`` = the head's global average, the
+  classifier input.
   """
   num_classes: int = 100
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     d = self.dtype
     x = conv_bn(TorchConv(24, 1, 1, 0, dtype=d, name="conv1"), "bn1",
                 x, train, mask)
-    features = [x]
+    feats, preacts = [x], [x]
     for stage, (channels, blocks) in enumerate(zip(_OUT_CHANNELS,
                                                    _NUM_BLOCKS)):
       # layer{k}.0 is the down-sampling unit, layer{k}.1.. the basic units.
-      x = DownBlock(channels, d, name=f"layer{stage + 1}_0")(x, train, mask)
-      for i in range(1, blocks + 1):
-        x = BasicBlock(d, name=f"layer{stage + 1}_{i}")(x, train, mask)
-      features.append(x)
+      units = [DownBlock(channels, d, name=f"layer{stage + 1}_0")]
+      units += [BasicBlock(d, name=f"layer{stage + 1}_{i}")
+                for i in range(1, blocks + 1)]
+      x, preact = apply_stage(units, x, train, mask, features)
+      feats.append(x)
+      preacts.append(preact)
     x = conv_bn(TorchConv(_HEAD, 1, 1, 0, dtype=d, name="conv2"),
                 "bn2", x, train, mask)
-    features.append(x)
     # The reference's avg_pool2d(out, 4) covers the whole 4×4 map.
-    return classifier_head(x, features, self.num_classes, "torch",
-                           d, "linear", return_features)
+    return classifier_head(x, self.num_classes, "torch", d, "linear",
+                           features, feats, preacts)
 
 
 @register("ShuffleV2")

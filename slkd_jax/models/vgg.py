@@ -40,8 +40,12 @@ class VGG(nn.Module):
   (``if h == 64: x = self.pool3(x)``), so at 32×32 block 4 runs at 4×4; we keep
   that rule.
 
-  Features (``return_features=True``): the five block outputs (after ReLU,
-  before pooling; the reference's f0..f4) and the pooled embedding.
+  Features (``features=True``, mdistiller cifar/vgg.py ``forward``):
+  ``feats`` = the five block outputs after ReLU and before pooling (f0..f4);
+  ``preact_feats`` = [f0, then blocks 1-4 before their last ReLU] (the
+  reference's ``block{i}`` Sequentials drop their final ReLU, so it has them
+  for free; block 0's entry is post-ReLU there too); ``pooled_feat`` = the
+  classifier input.
   """
   config: Sequence[Sequence[int]]
   num_classes: int = 100
@@ -49,21 +53,22 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False, mask=None):
+               features: bool = False, mask=None):
     height = x.shape[1]
-    features = []
+    feats, preacts = [], []
     for i, widths in enumerate(self.config):
       for k, planes in enumerate(widths):
         x = Conv(planes, 3, 1, 1, use_bias=True, dtype=self.dtype,
                  name=f"block{i}_{3 * k}")(x)
-        x = BatchNorm(dtype=self.dtype, name=f"block{i}_{3 * k + 1}")(
+        preact = BatchNorm(dtype=self.dtype, name=f"block{i}_{3 * k + 1}")(
             x, train, mask)
-        x = nn.relu(x)
-      features.append(x)
+        x = nn.relu(preact)
+      feats.append(x)
+      preacts.append(x if i == 0 else preact)
       if i < 3 or (i == 3 and height == 64):  # pool0..pool2 (and pool3)
         x = max_pool(x, 2, 2)
-    return classifier_head(x, features, self.num_classes, "normal",
-                           self.dtype, "classifier", return_features)
+    return classifier_head(x, self.num_classes, "normal", self.dtype,
+                           "classifier", features, feats, preacts)
 
 
 def _register(name: str) -> None:
