@@ -15,15 +15,24 @@ still be overridden on the command line (``--config.slkd.num_slts=3``,
 
 Methods: ``ce`` (CE only: the student from scratch), ``kd``, ``dkd``,
 ``slkd`` (default), ``slkd_t_only``, ``slkd_slt_only`` (paper Table 7
-ablations) and ``slkd_seq`` (the paper's SLKD*).
+ablations), ``slkd_seq`` (the paper's SLKD*) and the feature-based
+comparison methods ``fitnet``, ``at``, ``sp``, ``rkd``, ``pkt``, ``nst``,
+``kdsvd``, ``vid`` (mdistiller's settings). One command runs the paper's
+comparison from one teacher and prints one table::
 
-Recipe (the reference code, mdistiller's CIFAR-100 setting): SGD with
+  python -m slkd_jax.main --config=configs/cifar100.py --workdir=runs/cmp \
+      --config.compare_with="('kd','dkd','fitnet','at','sp','rkd','pkt','nst','kdsvd','vid')"
+
+Recipe (the reference code, mdistiller's CIFAR-100 setting; one recipe per
+method in ``config.recipes``, every stage with its own): SGD with
 momentum 0.9 and weight decay 5e-4, batch 64, 240 epochs, lr 0.05 — 0.01
 when the student is MobileNetV2, ShuffleV1 or ShuffleV2 (the SL-Ts then use
 0.01 too) — ×0.1 after epochs 150, 180 and 210.
 ``kd`` and the SLKD family: T = 4, CE 0.1, KD 0.9 (SLKD's fused-SL-T term
 weights 1). ``dkd``: CE 1.0, α 1, β per pair (below), T 4, warm-up 20
-epochs. ``ce``: CE weight 1.
+epochs. ``ce``: CE weight 1. Feature-based methods: CE 1 and mdistiller's
+feature weight (FitNet 100, AT 1000, SP 3000, RKD 1, PKT 30000, NST 50,
+KDSVD 1, VID 1; docs/method.md §3).
 
 Teachers
 --------

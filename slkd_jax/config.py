@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from slkd_jax import errors, methods, models
+from slkd_jax import errors, feature_losses, methods, models
 
 DTYPES = ("float32", "bfloat16", "float64")
 ENSEMBLES = ("unrolled", "vmap")
@@ -154,16 +154,25 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
   the dataset's warm-up). ``kd`` and the SLKD family: the dataset's
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
   SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
-  Every recipe defines every key of :data:`methods.LOSS_KEYS`.
+  The feature-based methods: mdistiller's CE 1, feature weight and method
+  settings (:data:`feature_losses.FEATURE_DEFAULTS`). Every recipe defines
+  every key of :data:`methods.LOSS_KEYS`.
   """
   methods.get(method)
   recipe = {"temperature": temperature, "ce_weight": ce_weight,
             "kd_weight": kd_weight, "fused_weight": 1.0,
             "fused_ce_weight": 1.0, "fused_kd_weight": 1.0,
             "slt_ce_weight": None, "slt_kd_weight": None, "dkd_alpha": 1.0,
-            "dkd_beta": dkd_beta, "dkd_warmup": dkd_warmup}
+            "dkd_beta": dkd_beta, "dkd_warmup": dkd_warmup,
+            "feat_weight": 0.0}
   if method in ("ce", "dkd"):
     recipe["ce_weight"] = 1.0
+  if method in feature_losses.FEATURE_DEFAULTS:
+    # mdistiller's cfg.py: CE 1, the method's FEAT weight and settings (the
+    # connectors' input size is the data's image size).
+    recipe.update({k: v for k, v in
+                   feature_losses.FEATURE_DEFAULTS[method].items()
+                   if k != "input_size"})
   return recipe
 
 
@@ -271,11 +280,14 @@ def _validate_loss(config, method: str) -> None:
   settings = vars(methods.loss_settings(config, method))
   for key, value in settings.items():
     name = f"loss.{key}" if key in overrides else f"recipes.{method}.{key}"
-    if key.startswith("slt_") and value is None:
-      continue  # tied to the student's weight
+    if (key.startswith("slt_") and value is None) or key == "pdist_squared":
+      continue  # None: tied to the student's weight; a typed bool
     _check(_is_number(value), name, value, "a finite number")
-    if key in ("temperature", "dkd_warmup"):
+    if key in ("temperature", "dkd_warmup", "p", "eps", "init_pred_var"):
       _check(value > 0, name, value, "a positive number")
+    elif key in ("hint_layer", "k"):
+      _check(_is_int(value, int(key == "k")), name, value,
+             f"an int >= {int(key == 'k')}")
     else:
       _check(value >= 0, name, value, "a non-negative number")
 

@@ -105,12 +105,14 @@ def objective(method: FeatureMethod):
 
 
 def make_connector(name: str, student: nn.Module, teacher: nn.Module,
-                   settings: Any, dtype) -> nn.Module | None:
+                   settings: Any, dtype, image_size: int
+                   ) -> nn.Module | None:
   """The trainable connector of method ``name`` for these two networks
-  (built from their feature shapes, as mdistiller's ``get_feat_shapes``)."""
+  (built from their feature shapes at the data's image size, as mdistiller's
+  ``get_feat_shapes``); None for methods without one."""
   if not FEATURE_METHODS[name].has_connector:
     return None
-  size = tuple(settings.input_size)
+  size = (image_size, image_size)
   return connectors.make_connector(
       name, connectors.feature_shapes(student, size),
       connectors.feature_shapes(teacher, size),
@@ -119,10 +121,11 @@ def make_connector(name: str, student: nn.Module, teacher: nn.Module,
       eps=getattr(settings, "eps", 1e-5), dtype=dtype)
 
 
-def connector_example_inputs(name: str, student: nn.Module, settings: Any):
-  """``(args, kwargs)`` to initialise the connector of ``name``: zeros of
+def connector_example_inputs(name: str, student: nn.Module, settings: Any,
+                             image_size: int):
+  """``(args, kwargs)`` that initialise the connector of ``name``: zeros of
   the student's feature shapes for one image."""
-  shapes = connectors.feature_shapes(student, tuple(settings.input_size))
+  shapes = connectors.feature_shapes(student, (image_size, image_size))
   if name == "fitnet":
     return (jnp.zeros(shapes[settings.hint_layer]),), {"train": False}
   return ([jnp.zeros(s) for s in shapes[1:]],), {}

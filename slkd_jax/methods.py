@@ -28,7 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import losses, optim
+from slkd_jax import feature_methods, losses, optim
 
 
 @flax.struct.dataclass
@@ -51,16 +51,21 @@ class HParams:
   dkd_alpha: jax.Array
   dkd_beta: jax.Array
   dkd_warmup_factor: jax.Array  # min(epoch / warmup, 1), epoch 1-indexed
+  feat_weight: jax.Array  # feature-based methods' term weight
 
 
 @flax.struct.dataclass
 class Logits:
-  """The logits of one step: student ``[B,C]``, teacher ``[B,C]`` or None,
-  SL-Ts ``[K,B,C]`` or None and their fusion ``[B,C]`` or None."""
+  """What the networks of one step produced: logits of the student
+  ``[B,C]``, the teacher ``[B,C]`` or None, the SL-Ts ``[K,B,C]`` or None
+  and their fusion ``[B,C]`` or None; for feature-based methods also the
+  student's and the teacher's :class:`~slkd_jax.models.Outputs`."""
   student: jax.Array
   teacher: jax.Array | None = None
   slts: jax.Array | None = None
   fused: jax.Array | None = None
+  student_features: Any = None
+  teacher_features: Any = None
 
 
 StudentObjective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -88,7 +93,8 @@ def _dkd_objective(logits: Logits, labels, mask, hp: HParams, **_):
 
 
 def _slkd_objective(logits: Logits, labels, mask, hp: HParams, *,
-                    detach_fused_target: bool, teacher_term: bool = True):
+                    detach_fused_target: bool, teacher_term: bool = True,
+                    **_):
   return losses.slkd_student_loss(
       logits.student, logits.teacher, logits.fused, labels,
       temperature=hp.temperature, ce_weight=hp.ce_weight,
@@ -109,9 +115,15 @@ class Method:
     sequential: SLKD*: the SL-Ts update first and the student then learns from
       the updated SL-Ts (gradient stopped); otherwise one joint gradient of
       the summed loss.
-    student_objective: ``f(logits, labels, mask, hp, detach_fused_target=)``
-      → (loss, terms).
+    student_objective: ``f(logits, labels, mask, hp, *,
+      detach_fused_target, settings, modules)`` → (loss, terms);
+      ``settings`` are the stage's loss settings (:func:`loss_settings`),
+      ``modules`` the method's trainable connectors bound to their current
+      parameters (name → callable).
     description: one line for ``--help`` and errors.
+    feature: the feature-based method (:mod:`slkd_jax.feature_methods`):
+      student and teacher then return their feature maps, and its
+      connector, if any, trains with the student.
   """
   name: str
   uses_teacher: bool
@@ -119,9 +131,15 @@ class Method:
   student_objective: StudentObjective
   description: str
   sequential: bool = False
+  feature: feature_methods.FeatureMethod | None = None
+
+  @property
+  def features(self) -> bool:
+    """Whether the student and the teacher return their feature maps."""
+    return self.feature is not None
 
 
-def _slt_only(logits, labels, mask, hp, *, detach_fused_target):
+def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):
   return _slkd_objective(logits, labels, mask, hp,
                          detach_fused_target=detach_fused_target,
                          teacher_term=False)
@@ -141,6 +159,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("slkd_seq", True, True, _slkd_objective,
            "SLKD*: SL-Ts step first, the student learns from the updated "
            "SL-Ts", sequential=True),
+    *[Method(f.name, True, False, feature_methods.objective(f),
+             f.description, feature=f)
+      for f in feature_methods.FEATURE_METHODS.values()],
 ]}
 
 
@@ -157,7 +178,8 @@ def get(name: str) -> Method:
 #: and that ``config.loss`` may override.
 LOSS_KEYS = ("temperature", "ce_weight", "kd_weight", "fused_weight",
              "fused_ce_weight", "fused_kd_weight", "slt_ce_weight",
-             "slt_kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup")
+             "slt_kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup",
+             "feat_weight")
 
 
 def loss_overrides(config: Any) -> dict[str, float]:
@@ -216,4 +238,5 @@ def make_hparams(config: Any, epoch: int) -> HParams:
       dkd_alpha=arr(loss.dkd_alpha),
       dkd_beta=arr(loss.dkd_beta),
       dkd_warmup_factor=arr(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
+      feat_weight=arr(loss.feat_weight),
   )

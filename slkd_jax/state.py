@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slkd_jax import methods, models, optim, parallel
+from slkd_jax import feature_methods, methods, models, optim, parallel
 
 PyTree = Any
 
@@ -56,11 +56,15 @@ class DistillState:
     slts: the K self-learning teachers, stacked on a leading axis; ``None``
       when the method uses none.
     teacher: the frozen teacher; ``None`` for method ``ce``.
+    modules: the method's extra trainable modules (name → state; FitNet's
+      and VID's ``'connector'``), trained with the student's optimiser;
+      ``None`` when it has none.
   """
   step: jax.Array
   student: TrainState
   slts: TrainState | None = None
   teacher: ModelState | None = None
+  modules: dict[str, TrainState] | None = None
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_shape
@@ -94,11 +98,13 @@ def init_stacked_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-  """The flax modules of a run (the SL-Ts share the teacher's architecture)."""
+  """The flax modules of a run (the SL-Ts share the teacher's architecture;
+  ``modules``: the method's extra trainable modules by name)."""
   student: nn.Module
   teacher: nn.Module | None
   slt: nn.Module | None
   num_slts: int
+  modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def build_networks(config) -> Networks:
@@ -108,11 +114,20 @@ def build_networks(config) -> Networks:
   n = config.data.num_classes
   teacher = (models.create(config.teacher.arch, n, dtype)
              if method.uses_teacher or method.uses_slts else None)
+  student = models.create(config.student.arch, n, dtype)
+  modules = {}
+  if method.features:
+    connector = feature_methods.make_connector(
+        method.name, student, teacher, methods.loss_settings(config), dtype,
+        config.data.image_size)
+    if connector is not None:
+      modules["connector"] = connector
   return Networks(
-      student=models.create(config.student.arch, n, dtype),
+      student=student,
       teacher=teacher if method.uses_teacher else None,
       slt=teacher if method.uses_slts else None,
-      num_slts=config.slkd.num_slts if method.uses_slts else 0)
+      num_slts=config.slkd.num_slts if method.uses_slts else 0,
+      modules=modules)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -125,6 +140,20 @@ def image_shape(config) -> tuple[int, int, int]:
   return (size, size, 3)
 
 
+def _init_module(config, name: str, module: nn.Module, student: nn.Module,
+                 tx, key) -> TrainState:
+  """A fresh state of the method's module ``name`` (its own initialisers,
+  shapes from the student's features)."""
+  args, kwargs = feature_methods.connector_example_inputs(
+      config.method, student, methods.loss_settings(config),
+      config.data.image_size)
+  variables = module.init(key, *args, **kwargs)
+  params = variables["params"]
+  return TrainState(params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    step=jnp.zeros((), jnp.int32), opt_state=tx.init(params))
+
+
 def create_state(config, mesh, teacher: ModelState | None = None
                  ) -> DistillState:
   """A fresh, replicated :class:`DistillState` for ``config``.
@@ -135,8 +164,9 @@ def create_state(config, mesh, teacher: ModelState | None = None
     teacher: the frozen teacher's variables, required when the method uses a
       teacher.
 
-  RNG: ``key(seed)`` folded with 1 for the student and 2 for the SL-Ts; SL-T
-  ``k`` uses ``split(key_slts, K)[k]`` — independent inits.
+  RNG: ``key(seed)`` folded with 1 for the student, 2 for the SL-Ts (SL-T
+  ``k`` uses ``split(key_slts, K)[k]``: independent inits) and 3, 4, ... for
+  the method's modules in name order.
   """
   method = methods.get(config.method)
   if method.uses_teacher and teacher is None:
@@ -153,8 +183,14 @@ def create_state(config, mesh, teacher: ModelState | None = None
     if nets.slt is not None:
       keys = jax.random.split(jax.random.fold_in(root, 2), nets.num_slts)
       slts = init_stacked_train_state(nets.slt, tx, keys, shape)
+    modules = None
+    if nets.modules:
+      modules = {name: _init_module(config, name, module, nets.student, tx,
+                                    jax.random.fold_in(root, 3 + i))
+                 for i, (name, module) in enumerate(
+                     sorted(nets.modules.items()))}
     return DistillState(step=jnp.zeros((), jnp.int32), student=student,
-                        slts=slts)
+                        slts=slts, modules=modules)
 
   replicated = parallel.replicated(mesh)
   state = jax.jit(init, out_shardings=replicated)(

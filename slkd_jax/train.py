@@ -284,8 +284,10 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
                checkpoint.Checkpointer(os.path.join(stage_dir, "best"), 1),
                stop, [])
   try:
-    state, epoch, start_step = _restore(
-        loop, state_lib.create_state(config, mesh, teacher))
+    state = state_lib.create_state(config, mesh, teacher)
+    if is_main:
+      _log_parameter_counts(name, state)
+    state, epoch, start_step = _restore(loop, state)
     trains = epoch < config.num_epochs
     if trains:
       state = _train_stage(loop, state, epoch, start_step)
@@ -299,6 +301,19 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
                   loop.history[-1] if loop.history else {})
     _write_stage_summary(stage_dir, name, loop.history)
   return StageResult(name, config.method, state, loop.history)
+
+
+def _log_parameter_counts(name: str, state) -> None:
+  """Parameters per trained network and the method's extra modules
+  (mdistiller's "extra parameters")."""
+  from slkd_jax.models.layers import count_params
+  counts = {"student": count_params(state.student.params)}
+  if state.slts is not None:
+    counts["SL-Ts (all)"] = count_params(state.slts.params)
+  for module, module_state in (state.modules or {}).items():
+    counts[f"extra: {module}"] = count_params(module_state.params)
+  logging.info("stage %s parameters: %s", name,
+               ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
 
 def _train_stage(loop: _Loop, state, epoch: int, start_step: int):

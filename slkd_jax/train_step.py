@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from slkd_jax import losses, methods, optim, parallel
 from slkd_jax.models.layers import param_dtype
 from slkd_jax.methods import HParams, Logits
+from slkd_jax.models import Outputs
 from slkd_jax.state import (DistillState, ModelState, Networks, TrainState,
                             build_networks, make_optimizer)
 
@@ -70,11 +71,38 @@ def apply_ensemble(model: nn.Module, stacked: ModelState, images: jax.Array,
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def _apply_train(model: nn.Module, params, batch_stats, images, mask):
-  logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                images, train=True, mask=mask,
-                                mutable=["batch_stats"])
-  return logits, updates["batch_stats"]
+def _apply_train(model: nn.Module, params, batch_stats, images, mask,
+                 features: bool = False):
+  out, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                             images, train=True, mask=mask, features=features,
+                             mutable=["batch_stats"])
+  return out, updates["batch_stats"]
+
+
+def _split(out):
+  """``(logits, Outputs or None)`` of a forward with or without features."""
+  if isinstance(out, Outputs):
+    return out.logits, out
+  return out, None
+
+
+def _bind_modules(nets: Networks, states: dict[str, TrainState] | None,
+                  params, new_stats: dict):
+  """The method's modules as callables on their current ``params`` (for the
+  objective); each call records the module's updated BatchNorm statistics
+  in ``new_stats`` (returned through the loss's aux, never read from
+  outside the trace)."""
+  bound = {}
+  for name, module in nets.modules.items():
+    def call(*args, _name=name, _module=module, **kwargs):
+      variables = {"params": params[_name],
+                   "batch_stats": states[_name].batch_stats}
+      out, updates = _module.apply(variables, *args, mutable=["batch_stats"],
+                                   **kwargs)
+      new_stats[_name] = updates.get("batch_stats", variables["batch_stats"])
+      return out
+    bound[name] = call
+  return bound
 
 
 def _sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
@@ -120,32 +148,39 @@ def build_train_step(config, nets: Networks | None = None
   tx = make_optimizer(config)
   detach = bool(config.slkd.detach_fused_target)
   impl = config.slkd.ensemble
+  settings = methods.loss_settings(config)
 
-  def teacher_logits(teacher: ModelState | None, images):
+  def teacher_outputs(teacher: ModelState | None, images):
     if nets.teacher is None:
       return None
     return jax.lax.stop_gradient(
-        nets.teacher.apply(teacher.variables, images, train=False))
+        nets.teacher.apply(teacher.variables, images, train=False,
+                           features=method.features))
 
   def joint_step(state: DistillState, teacher, batch, hp):
     images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t = teacher_logits(teacher, images)
+    z_t, t_features = _split(teacher_outputs(teacher, images))
     slts = state.slts
 
     def loss_fn(params):
-      student_params, slt_params = params
-      z_s, student_stats = _apply_train(nets.student, student_params,
+      student_params, slt_params, module_params = params
+      out, student_stats = _apply_train(nets.student, student_params,
                                         state.student.batch_stats, images,
-                                        mask)
+                                        mask, method.features)
+      z_s, s_features = _split(out)
       z_k = fused = slt_stats = None
       if slts is not None:
         z_k, slt_stats = apply_ensemble(
             nets.slt, ModelState(slt_params, slts.batch_stats), images,
             train=True, mask=mask, impl=impl)
         fused = losses.fuse_logits(z_k, hp.fusion_weights)
-      logits = Logits(z_s, z_t, z_k, fused)
-      loss, terms = method.student_objective(logits, labels, mask, hp,
-                                             detach_fused_target=detach)
+      logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
+      module_stats = {}
+      loss, terms = method.student_objective(
+          logits, labels, mask, hp, detach_fused_target=detach,
+          settings=settings,
+          modules=_bind_modules(nets, state.modules, module_params,
+                                module_stats))
       if slts is not None:
         slt_total, slt_terms = losses.slt_loss(
             z_k, z_t, labels, temperature=hp.temperature,
@@ -153,25 +188,32 @@ def build_train_step(config, nets: Networks | None = None
         terms = {**terms, "student_loss": loss, "slt_loss": slt_total,
                  **slt_terms}
         loss = loss + slt_total
-      return loss, (logits, terms, student_stats, slt_stats)
+      logits = logits.replace(student_features=None, teacher_features=None)
+      return loss, (logits, terms, student_stats, slt_stats, module_stats)
 
-    params = (state.student.params, None if slts is None else slts.params)
-    (loss, (logits, terms, student_stats, slt_stats)), grads = (
+    params = (state.student.params, None if slts is None else slts.params,
+              None if state.modules is None else
+              {k: m.params for k, m in state.modules.items()})
+    (loss, (logits, terms, student_stats, slt_stats, module_stats)), grads = (
         jax.value_and_grad(loss_fn, has_aux=True)(params))
     student = _sgd_update(state.student, grads[0], student_stats, tx,
                           hp.learning_rate)
     if slts is not None:
       slts = _sgd_update(slts, grads[1], slt_stats, tx, hp.learning_rate)
+    modules = state.modules
+    if modules is not None:
+      modules = {k: _sgd_update(m, grads[2][k], module_stats[k], tx,
+                                hp.learning_rate) for k, m in modules.items()}
     metrics = {"loss": loss, **terms,
                **_batch_metrics(logits, labels, mask, hp)}
-    return state.replace(step=state.step + 1, student=student,
-                         slts=slts), metrics
+    return state.replace(step=state.step + 1, student=student, slts=slts,
+                         modules=modules), metrics
 
   def sequential_step(state: DistillState, teacher, batch, hp):
     """SLKD*: update the SL-Ts on L_SLT, then the student on the fusion of
     the *updated* SL-Ts (forward on the same batch, gradient stopped)."""
     images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t = teacher_logits(teacher, images)
+    z_t = teacher_outputs(teacher, images)
     slts = state.slts
 
     def slt_loss_fn(slt_params):
@@ -197,8 +239,9 @@ def build_train_step(config, nets: Networks | None = None
       z_s, stats = _apply_train(nets.student, student_params,
                                 state.student.batch_stats, images, mask)
       logits = Logits(z_s, z_t, z_k, fused)
-      loss, terms = method.student_objective(logits, labels, mask, hp,
-                                             detach_fused_target=True)
+      loss, terms = method.student_objective(
+          logits, labels, mask, hp, detach_fused_target=True,
+          settings=settings, modules={})
       return loss, (logits, terms, stats)
 
     (student_total, (logits, terms, student_stats)), grads = (

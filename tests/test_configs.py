@@ -176,8 +176,8 @@ def test_unknown_preset_or_method_names_the_choices(module):
   for preset in module.PRESETS:
     assert preset in str(e.value)
   with pytest.raises(ValueError) as e:
-    module.get_config(f"{module.DEFAULT_PRESET},fitnet")
-  assert "fitnet" in str(e.value)
+    module.get_config(f"{module.DEFAULT_PRESET},fitnetz")
+  assert "fitnetz" in str(e.value)
   for method in methods.METHODS:
     assert method in str(e.value)
 
@@ -268,7 +268,15 @@ MDISTILLER_DKD_BETA = {
     "vgg13-vgg11": 6.0, "vgg13-MobileNetV2": 6.0}
 
 
+# mdistiller's engine/cfg.py: CE 1 and the feature weight of each method.
+MDISTILLER_FEAT_WEIGHT = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0,
+                          "rkd": 1.0, "pkt": 30000.0, "nst": 50.0,
+                          "kdsvd": 1.0, "vid": 1.0}
+
+
 def reference_recipe(pair: str, method: str) -> dict:
+  if method in MDISTILLER_FEAT_WEIGHT:
+    return {"ce_weight": 1.0, "feat_weight": MDISTILLER_FEAT_WEIGHT[method]}
   if method == "ce":
     return {"ce_weight": 1.0}
   if method == "dkd":
