@@ -93,9 +93,11 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
 
 
 def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
-  """Rows of :data:`_COLUMNS` for one standalone network."""
+  """Rows of :data:`_COLUMNS` for one standalone network (placed as a
+  teacher is: replicated, in the run's parameter dtype)."""
   import jax.numpy as jnp
-  from slkd_jax import artifact, convert_torch, parallel, train, train_step
+  from slkd_jax import (artifact, convert_torch, parallel, teachers, train,
+                        train_step)
   from slkd_jax import data as data_lib
   from slkd_jax import state as state_lib
   if artifact.is_artifact(path):
@@ -106,9 +108,7 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   config = config.copy_and_resolve_references()
   config.method, config.student.arch = "ce", meta["arch"]
   parallel.configure_jax(config)
-  dtype = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
-  model = state_lib.ModelState(_cast(variables["params"], dtype),
-                               _cast(variables["batch_stats"], dtype))
+  model = teachers.to_mesh(variables, config, mesh)
   _, eval_data = data_lib.create_datasets(
       config.data, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
@@ -118,12 +118,6 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   return _rows(os.path.basename(os.path.normpath(path)), "model",
                meta.get("source", {}).get("epoch", "-")
                if isinstance(meta.get("source"), dict) else "-", result)
-
-
-def _cast(tree, dtype):
-  import jax
-  import jax.numpy as jnp
-  return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 
 
 def _stages(workdir: str) -> list[str]:

@@ -47,7 +47,7 @@ def _describe(source: dict) -> str:
           f"teacher.learning_rate={source['learning_rate']})")
 
 
-def _on_mesh(variables: dict, config, mesh) -> ModelState:
+def to_mesh(variables: dict, config, mesh) -> ModelState:
   """Replicated device arrays in the run's parameter dtype (at least
   float32; float64 runs get float64 teachers)."""
   dtype = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
@@ -75,7 +75,7 @@ def load_frozen(workdir: str, config, mesh) -> ModelState | None:
         f"this workdir's stages were distilled from {_describe(saved)}, but "
         f"the config now asks for {_describe(now)}; set it back, or use a "
         f"new --workdir (the stages must share one teacher)")
-  return _on_mesh(variables, config, mesh)
+  return to_mesh(variables, config, mesh)
 
 
 def save_frozen(workdir: str, teacher: ModelState, config) -> None:
@@ -121,4 +121,4 @@ def load_checkpoint(config, mesh) -> ModelState:
     from slkd_jax import convert_torch
     variables, meta = convert_torch.load_teacher(path, arch, num_classes)
   logging.info("teacher %s loaded from %s", arch, path)
-  return _on_mesh(variables, config, mesh)
+  return to_mesh(variables, config, mesh)

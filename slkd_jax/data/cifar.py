@@ -1,4 +1,4 @@
-"""CIFAR-100 held on device, augmented inside ``jit`` (SPEC.md, "Data").
+"""CIFAR-100 held on device, augmented inside ``jit`` (docs/method.md §5).
 
 The two splits are read once into uint8 arrays, either from TFDS
 (``cifar100``) or from the ``cifar-100-python`` pickle folder that

@@ -1,5 +1,5 @@
 """ImageNet (TFDS ``imagenet2012``) read per process, assembled into global
-batches (SPEC.md, "Data").
+batches (docs/method.md §5).
 
 Every process reads its own shard of each split
 (``tfds.split_for_jax_process``), decodes and augments it with a bounded
