@@ -1,7 +1,8 @@
 """Feature-KD losses and connectors against mdistiller's own code (float64).
 
 The golden values at the end of this file come from the reference, never from
-our code: /tmp/gen_feature_goldens.py ran mdistiller's loss functions and
+our code: tests/goldens/gen_feature_goldens.py (run by hand, not by pytest)
+ran mdistiller's loss functions and
 modules (mdistiller/distillers/{_common,AT,SP,RKD,PKT,NST,KDSVD,VID}.py at
 a08d46f; KDSVD's ``.float()`` patched to float64) with torch 2.13 in float64
 on the inputs below (numpy ``default_rng``, seeds 0-7, NCHW), B = 4 and the
