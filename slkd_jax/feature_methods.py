@@ -104,27 +104,28 @@ def objective(method: FeatureMethod):
   return student_objective
 
 
-def make_connector(name: str, student: nn.Module, teacher: nn.Module,
-                   settings: Any, dtype, image_size: int
-                   ) -> nn.Module | None:
-  """The trainable connector of method ``name`` for these two networks
-  (built from their feature shapes at the data's image size, as mdistiller's
-  ``get_feat_shapes``); None for methods without one."""
+def make_modules(name: str, student: nn.Module, teacher: nn.Module,
+                 settings: Any, dtype, image_size: int
+                 ) -> dict[str, nn.Module]:
+  """The trainable modules of method ``name`` for these two networks, by
+  name (built from their feature shapes at the data's image size, as
+  mdistiller's ``get_feat_shapes``); empty for methods without any."""
   if not FEATURE_METHODS[name].has_connector:
-    return None
+    return {}
   size = (image_size, image_size)
-  return connectors.make_connector(
+  return {"connector": connectors.make_connector(
       name, connectors.feature_shapes(student, size),
       connectors.feature_shapes(teacher, size),
       hint_layer=getattr(settings, "hint_layer", 2),
       init_pred_var=getattr(settings, "init_pred_var", 5.0),
-      eps=getattr(settings, "eps", 1e-5), dtype=dtype)
+      eps=getattr(settings, "eps", 1e-5), dtype=dtype)}
 
 
-def connector_example_inputs(name: str, student: nn.Module, settings: Any,
-                             image_size: int):
-  """``(args, kwargs)`` that initialise the connector of ``name``: zeros of
-  the student's feature shapes for one image."""
+def module_example_inputs(name: str, module_name: str, student: nn.Module,
+                          settings: Any, image_size: int):
+  """``(args, kwargs)`` that initialise module ``module_name`` of method
+  ``name``: zeros of the student's feature shapes for one image."""
+  del module_name  # FitNet and VID own one module each
   shapes = connectors.feature_shapes(student, (image_size, image_size))
   if name == "fitnet":
     return (jnp.zeros(shapes[settings.hint_layer]),), {"train": False}

@@ -52,6 +52,7 @@ class HParams:
   dkd_beta: jax.Array
   dkd_warmup_factor: jax.Array  # min(epoch / warmup, 1), epoch 1-indexed
   feat_weight: jax.Array  # feature-based methods' term weight
+  epoch: jax.Array  # the 1-indexed epoch (methods with their own warm-up)
 
 
 @flax.struct.dataclass
@@ -116,14 +117,23 @@ class Method:
       the updated SL-Ts (gradient stopped); otherwise one joint gradient of
       the summed loss.
     student_objective: ``f(logits, labels, mask, hp, *,
-      detach_fused_target, settings, modules)`` → (loss, terms);
-      ``settings`` are the stage's loss settings (:func:`loss_settings`),
-      ``modules`` the method's trainable connectors bound to their current
-      parameters (name → callable).
+      detach_fused_target, settings, modules, teacher, networks)`` →
+      (loss, terms); ``settings`` are the stage's loss settings
+      (:func:`loss_settings`), ``modules`` the method's trainable modules
+      bound to their current parameters (name → callable), ``teacher`` the
+      frozen teacher's :class:`~slkd_jax.state.ModelState` (or None) and
+      ``networks`` the run's :class:`~slkd_jax.state.Networks`.
     description: one line for ``--help`` and errors.
     feature: the feature-based method (:mod:`slkd_jax.feature_methods`):
       student and teacher then return their feature maps, and its
-      connector, if any, trains with the student.
+      modules, if any, train with the student.
+    build_step: a method whose update is not "one gradient of the summed
+      loss" supplies its own pure step builder ``f(config, nets, tx,
+      settings) -> step`` with the signature of
+      :func:`slkd_jax.train_step.build_train_step`'s result.
+    eval_logits: ``f(state, nets, images) -> {name: logits}`` for methods
+      that evaluate networks other than student / teacher / SL-Ts (branches,
+      peers); None for the default.
   """
   name: str
   uses_teacher: bool
@@ -132,6 +142,8 @@ class Method:
   description: str
   sequential: bool = False
   feature: feature_methods.FeatureMethod | None = None
+  build_step: Callable[..., Callable] | None = None
+  eval_logits: Callable[..., dict[str, jax.Array]] | None = None
 
   @property
   def features(self) -> bool:
@@ -239,4 +251,5 @@ def make_hparams(config: Any, epoch: int) -> HParams:
       dkd_beta=arr(loss.dkd_beta),
       dkd_warmup_factor=arr(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
       feat_weight=arr(loss.feat_weight),
+      epoch=arr(epoch),
   )

@@ -117,11 +117,9 @@ def build_networks(config) -> Networks:
   student = models.create(config.student.arch, n, dtype)
   modules = {}
   if method.features:
-    connector = feature_methods.make_connector(
+    modules = feature_methods.make_modules(
         method.name, student, teacher, methods.loss_settings(config), dtype,
         config.data.image_size)
-    if connector is not None:
-      modules["connector"] = connector
   return Networks(
       student=student,
       teacher=teacher if method.uses_teacher else None,
@@ -144,8 +142,8 @@ def _init_module(config, name: str, module: nn.Module, student: nn.Module,
                  tx, key) -> TrainState:
   """A fresh state of the method's module ``name`` (its own initialisers,
   shapes from the student's features)."""
-  args, kwargs = feature_methods.connector_example_inputs(
-      config.method, student, methods.loss_settings(config),
+  args, kwargs = feature_methods.module_example_inputs(
+      config.method, name, student, methods.loss_settings(config),
       config.data.image_size)
   variables = module.init(key, *args, **kwargs)
   params = variables["params"]

@@ -149,6 +149,8 @@ def build_train_step(config, nets: Networks | None = None
   detach = bool(config.slkd.detach_fused_target)
   impl = config.slkd.ensemble
   settings = methods.loss_settings(config)
+  if method.build_step is not None:
+    return method.build_step(config, nets, tx, settings)
 
   def teacher_outputs(teacher: ModelState | None, images):
     if nets.teacher is None:
@@ -180,7 +182,8 @@ def build_train_step(config, nets: Networks | None = None
           logits, labels, mask, hp, detach_fused_target=detach,
           settings=settings,
           modules=_bind_modules(nets, state.modules, module_params,
-                                module_stats))
+                                module_stats),
+          teacher=teacher, networks=nets)
       if slts is not None:
         slt_total, slt_terms = losses.slt_loss(
             z_k, z_t, labels, temperature=hp.temperature,
@@ -241,7 +244,7 @@ def build_train_step(config, nets: Networks | None = None
       logits = Logits(z_s, z_t, z_k, fused)
       loss, terms = method.student_objective(
           logits, labels, mask, hp, detach_fused_target=True,
-          settings=settings, modules={})
+          settings=settings, modules={}, teacher=teacher, networks=nets)
       return loss, (logits, terms, stats)
 
     (student_total, (logits, terms, student_stats)), grads = (
@@ -312,6 +315,11 @@ def build_eval_step(config, nets: Networks | None = None
     images, labels = batch["image"], batch["label"]
     weights = batch["mask"].astype(jnp.float32)
     out = {"count": jnp.sum(weights)}
+    if method.eval_logits is not None:
+      for name, logits in method.eval_logits(state, nets, images).items():
+        out.update({f"{name}/{k}": v for k, v in
+                    sums(logits, labels, weights).items()})
+      return out
     networks = {"student": nets.student.apply(state.student.variables, images,
                                               train=False)}
     if method.uses_teacher:
