@@ -73,7 +73,11 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
     if teacher is None:
       raise CheckpointError(f"{workdir} has no frozen_teacher: the "
                             f"distillation stages never started")
-  state = state_lib.create_state(config, mesh, teacher)
+  train_data, eval_data = data_lib.create_datasets(
+      config.data, batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
+  state = state_lib.create_state(config, mesh, teacher,
+                                 getattr(train_data, "labels", None))
   directory = "best" if which == "best" else "checkpoints"
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, directory), 1)
   try:
@@ -84,9 +88,6 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   if restored is None:
     raise CheckpointError(f"{stage_dir}/{directory} holds no checkpoint yet")
   trainable, meta = restored
-  _, eval_data = data_lib.create_datasets(
-      config.data, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
   result = train.evaluate(train_step.make_eval_step(config, mesh),
                           trainable.replace(teacher=teacher), eval_data)
   return _rows(stage, which, meta["epoch"], result)

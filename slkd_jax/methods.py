@@ -134,6 +134,12 @@ class Method:
     eval_logits: ``f(state, nets, images) -> {name: logits}`` for methods
       that evaluate networks other than student / teacher / SL-Ts (branches,
       peers); None for the default.
+    init_buffers: for methods with non-trainable state updated by the step
+      (CRD's memory banks): ``f(key, settings, train_labels, dtype) ->
+      dict`` of arrays, kept in :attr:`DistillState.buffers`. The objective
+      then also receives ``buffers`` (current), ``batch`` (with the
+      examples' dataset ``index``) and ``rng`` (a key of this step) and
+      returns ``(loss, terms, new_buffers)``.
   """
   name: str
   uses_teacher: bool
@@ -144,6 +150,7 @@ class Method:
   feature: feature_methods.FeatureMethod | None = None
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
+  init_buffers: Callable[..., dict[str, jax.Array]] | None = None
 
   @property
   def features(self) -> bool:

@@ -22,8 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from slkd_jax import feature_methods, methods, models, optim, parallel
+from slkd_jax.models.layers import param_dtype
 
 PyTree = Any
+
+#: fold_in tags of the run's key for the method's buffers and for the
+#: per-step randomness of its objective (CRD's negatives).
+BUFFERS_TAG = 0x42554646  # "BUFF"
+STEP_RNG_TAG = 0x53524E47  # "SRNG"
 
 
 @flax.struct.dataclass
@@ -59,12 +65,15 @@ class DistillState:
     modules: the method's extra trainable modules (name → state; FitNet's
       and VID's ``'connector'``), trained with the student's optimiser;
       ``None`` when it has none.
+    buffers: the method's non-trainable state that the step updates (CRD's
+      memory banks; name → array), ``None`` when it has none.
   """
   step: jax.Array
   student: TrainState
   slts: TrainState | None = None
   teacher: ModelState | None = None
   modules: dict[str, TrainState] | None = None
+  buffers: dict[str, jax.Array] | None = None
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_shape
@@ -152,8 +161,8 @@ def _init_module(config, name: str, module: nn.Module, student: nn.Module,
                     step=jnp.zeros((), jnp.int32), opt_state=tx.init(params))
 
 
-def create_state(config, mesh, teacher: ModelState | None = None
-                 ) -> DistillState:
+def create_state(config, mesh, teacher: ModelState | None = None,
+                 train_labels=None) -> DistillState:
   """A fresh, replicated :class:`DistillState` for ``config``.
 
   Args:
@@ -161,15 +170,21 @@ def create_state(config, mesh, teacher: ModelState | None = None
     mesh: device mesh; the state is replicated over it.
     teacher: the frozen teacher's variables, required when the method uses a
       teacher.
+    train_labels: the training labels in dataset order (host ``[N]``),
+      required by methods with buffers (CRD's memory and class table).
 
   RNG: ``key(seed)`` folded with 1 for the student, 2 for the SL-Ts (SL-T
-  ``k`` uses ``split(key_slts, K)[k]``: independent inits) and 3, 4, ... for
-  the method's modules in name order.
+  ``k`` uses ``split(key_slts, K)[k]``: independent inits), 3, 4, ... for
+  the method's modules in name order and :data:`BUFFERS_TAG` for its
+  buffers.
   """
   method = methods.get(config.method)
   if method.uses_teacher and teacher is None:
     raise ValueError(f"method {config.method!r} needs a teacher: set "
                      "config.teacher.checkpoint or train one first")
+  if method.init_buffers is not None and train_labels is None:
+    raise ValueError(f"method {config.method!r} keeps per-example memory and "
+                     "needs the training labels (train_labels=)")
   nets = build_networks(config)
   tx = make_optimizer(config)
   shape = image_shape(config)
@@ -187,8 +202,13 @@ def create_state(config, mesh, teacher: ModelState | None = None
                                     jax.random.fold_in(root, 3 + i))
                  for i, (name, module) in enumerate(
                      sorted(nets.modules.items()))}
+    buffers = None
+    if method.init_buffers is not None:
+      buffers = method.init_buffers(
+          jax.random.fold_in(root, BUFFERS_TAG), methods.loss_settings(config),
+          train_labels, param_dtype(config.dtype))
     return DistillState(step=jnp.zeros((), jnp.int32), student=student,
-                        slts=slts, modules=modules)
+                        slts=slts, modules=modules, buffers=buffers)
 
   replicated = parallel.replicated(mesh)
   state = jax.jit(init, out_shardings=replicated)(

@@ -284,7 +284,8 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
                checkpoint.Checkpointer(os.path.join(stage_dir, "best"), 1),
                stop, [])
   try:
-    state = state_lib.create_state(config, mesh, teacher)
+    state = state_lib.create_state(config, mesh, teacher,
+                                   getattr(train_data, "labels", None))
     if is_main:
       _log_parameter_counts(name, state)
     state, epoch, start_step = _restore(loop, state)
@@ -314,6 +315,12 @@ def _log_parameter_counts(name: str, state) -> None:
     counts[f"extra: {module}"] = count_params(module_state.params)
   logging.info("stage %s parameters: %s", name,
                ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+  if state.buffers:
+    size = sum(x.nbytes for x in jax.tree.leaves(state.buffers))
+    logging.info("stage %s buffers (not trained, on every device): %s, "
+                 "%.1f MiB", name, ", ".join(
+                     f"{k} {tuple(v.shape)}" for k, v in state.buffers.items()),
+                 size / 2**20)
 
 
 def _train_stage(loop: _Loop, state, epoch: int, start_step: int):

@@ -27,8 +27,8 @@ from slkd_jax import losses, methods, optim, parallel
 from slkd_jax.models.layers import param_dtype
 from slkd_jax.methods import HParams, Logits
 from slkd_jax.models import Outputs
-from slkd_jax.state import (DistillState, ModelState, Networks, TrainState,
-                            build_networks, make_optimizer)
+from slkd_jax.state import (STEP_RNG_TAG, DistillState, ModelState, Networks,
+                            TrainState, build_networks, make_optimizer)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -105,6 +105,22 @@ def _bind_modules(nets: Networks, states: dict[str, TrainState] | None,
   return bound
 
 
+def _student_objective(method: methods.Method, state: DistillState, logits,
+                       batch, hp, seed: int, **kwargs):
+  """``(loss, terms, buffers)`` of ``method``'s student objective; methods
+  with buffers also see them, the batch (dataset ``index``) and a key of
+  this step (from the run's seed and the global step: exact on resume)."""
+  labels, mask = batch["label"], batch["mask"]
+  if method.init_buffers is None:
+    return (*method.student_objective(logits, labels, mask, hp, **kwargs),
+            None)
+  rng = jax.random.fold_in(jax.random.fold_in(
+      jax.random.key(seed), STEP_RNG_TAG), state.step)
+  return method.student_objective(logits, labels, mask, hp,
+                                  buffers=state.buffers, batch=batch, rng=rng,
+                                  **kwargs)
+
+
 def _sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
   buffer, opt_state = tx.update(grads, state.opt_state, state.params)
   return state.replace(params=optim.apply_sgd(state.params, buffer, lr),
@@ -178,8 +194,9 @@ def build_train_step(config, nets: Networks | None = None
         fused = losses.fuse_logits(z_k, hp.fusion_weights)
       logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
       module_stats = {}
-      loss, terms = method.student_objective(
-          logits, labels, mask, hp, detach_fused_target=detach,
+      loss, terms, buffers = _student_objective(
+          method, state, logits, batch, hp, config.seed,
+          detach_fused_target=detach,
           settings=settings,
           modules=_bind_modules(nets, state.modules, module_params,
                                 module_stats),
@@ -192,13 +209,14 @@ def build_train_step(config, nets: Networks | None = None
                  **slt_terms}
         loss = loss + slt_total
       logits = logits.replace(student_features=None, teacher_features=None)
-      return loss, (logits, terms, student_stats, slt_stats, module_stats)
+      return loss, (logits, terms, student_stats, slt_stats, module_stats,
+                    buffers)
 
     params = (state.student.params, None if slts is None else slts.params,
               None if state.modules is None else
               {k: m.params for k, m in state.modules.items()})
-    (loss, (logits, terms, student_stats, slt_stats, module_stats)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(params))
+    (loss, (logits, terms, student_stats, slt_stats, module_stats,
+            buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     student = _sgd_update(state.student, grads[0], student_stats, tx,
                           hp.learning_rate)
     if slts is not None:
@@ -210,7 +228,7 @@ def build_train_step(config, nets: Networks | None = None
     metrics = {"loss": loss, **terms,
                **_batch_metrics(logits, labels, mask, hp)}
     return state.replace(step=state.step + 1, student=student, slts=slts,
-                         modules=modules), metrics
+                         modules=modules, buffers=buffers), metrics
 
   def sequential_step(state: DistillState, teacher, batch, hp):
     """SLKD*: update the SL-Ts on L_SLT, then the student on the fusion of

@@ -28,7 +28,10 @@ def _host(batch):
 
 def _check_batch(batch, mesh, batch_size, image_shape):
   """Shapes, dtypes and sharding of one batch."""
-  assert set(batch) == {"image", "label", "mask"}
+  assert set(batch) - {"index"} == {"image", "label", "mask"}
+  if "index" in batch:
+    assert batch["index"].shape == (batch_size,)
+    assert batch["index"].dtype == np.int32
   assert batch["image"].shape == (batch_size,) + tuple(image_shape)
   assert batch["image"].dtype == np.float32
   assert batch["label"].shape == (batch_size,)
@@ -556,3 +559,21 @@ def test_imagenet_processes_run_equal_steps_and_count_each_example_once(
       real_train += sum(int(b["mask"].sum()) for b in train_batches)
       real_eval += sum(int(b["mask"].sum()) for b in eval_batches)
   assert real_train == 30 and real_eval == 30
+
+
+def test_train_batches_carry_each_examples_dataset_index():
+  """``index`` is the epoch order's slice: the label at that index is the
+  batch's label, and one epoch's real positions cover every example once."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 5, (37,), dtype=np.int32)
+  train = arrays.ArrayTrainData(
+      images, labels, batch_size=8, seed=3, mesh=_mesh(), mean=(0.5,) * 3,
+      std=(0.5,) * 3, augment=None, num_classes=5)
+  np.testing.assert_array_equal(train.labels, labels)
+  seen = []
+  for batch in train.epoch(1):
+    host = _host(batch)
+    np.testing.assert_array_equal(labels[host["index"]], host["label"])
+    seen.extend(host["index"][host["mask"]])
+  assert sorted(seen) == list(range(37))

@@ -8,6 +8,9 @@ form::
    'label': int32 [B],
    'mask': bool [B]}   # False for padding examples
 
+(the device-resident training data adds ``'index'``: int32 [B], each
+example's index in the dataset, for methods with per-example memory)
+
 as global ``jax.Array``\\ s sharded on the mesh axis ``data``
 (:func:`slkd_jax.parallel.batch_sharding`). ``B`` never changes: the last
 partial batch of an epoch (train) or of the split (eval) is padded to ``B``

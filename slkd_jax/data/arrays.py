@@ -145,7 +145,8 @@ def _train_batch(images, labels, order, epoch, step, *, seed: int,
     x = augment(key, x, aug)
   return {"image": normalize(x, mean, std),
           "label": jnp.take(labels, idx, axis=0),
-          "mask": mask}
+          "mask": mask,
+          "index": idx}
 
 
 def _eval_batch(images, labels, step, *, batch_size: int, num_examples: int,
@@ -171,6 +172,11 @@ class ArrayTrainData:
     image_shape: ``(H, W, 3)``.
     augment: the training augmentation (None: none).
     mean, std: per-channel normalisation constants in [0, 1] units.
+    labels: the training labels on the host (``[N]`` int32, in dataset
+      index order; methods that sample by class, such as CRD, use them).
+
+  Training batches also carry ``'index'``: each example's index in the
+  dataset (padding positions repeat a real index and are masked).
   """
 
   def __init__(self, images: np.ndarray | jax.Array,
@@ -191,6 +197,7 @@ class ArrayTrainData:
     self.seed = seed
     self.augment = augment
     self.mean, self.std = tuple(mean), tuple(std)
+    self.labels = np.asarray(jax.device_get(labels), np.int32)
     self._images = replicate(images, mesh)
     self._labels = replicate(np.asarray(labels, np.int32)
                              if not isinstance(labels, jax.Array) else labels,
