@@ -118,7 +118,8 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
   import jax
   import numpy as np
 
-  from slkd_jax import methods, parallel
+  from slkd_jax import parallel
+  from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
   from slkd_jax import train_step
 
@@ -135,19 +136,19 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
   parallel.check_global_batch(config.batch_size, mesh)
 
   # A random teacher: the step's cost does not depend on its weights.
-  nets = state_lib.build_networks(config)
-  shape = state_lib.image_shape(config)
+  stage = stage_lib.resolve(config)
+  nets, shape = stage.nets, stage.image_shape
   teacher = None
-  if methods.get(config.method).uses_teacher:
+  if stage.method.uses_teacher:
     # Jitted: op-by-op initialisation is slower than compiling it.
     params, stats = jax.jit(
         lambda key: state_lib.init_variables(nets.teacher, key, shape),
         out_shardings=parallel.replicated(mesh))(
             jax.random.key(config.seed + 1))
     teacher = state_lib.ModelState(params, stats)
-  state = state_lib.create_state(config, mesh, teacher)
-  step = train_step.make_train_step(config, mesh, nets)
-  hp = methods.make_hparams(config, epoch=1)
+  state = state_lib.create_state(stage, mesh, teacher)
+  step = train_step.make_train_step(stage, mesh)
+  hp = stage.hparams(1)
 
   # One synthetic batch, placed on the mesh once (input pipeline excluded).
   rng = np.random.default_rng(config.seed)

@@ -59,16 +59,17 @@ def _rows(stage: str, which: str, epoch, result: dict) -> list[dict]:
 
 def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   """Rows of :data:`_COLUMNS` for one stage's checkpoint."""
-  from slkd_jax import (checkpoint, methods, parallel, teachers, train,
-                        train_step)
+  from slkd_jax import checkpoint, parallel, teachers, train, train_step
   from slkd_jax import data as data_lib
+  from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
   from slkd_jax.errors import CheckpointError
   stage_dir = os.path.join(workdir, stage)
   config = _stage_config(stage_dir)
   parallel.configure_jax(config)
+  resolved = stage_lib.resolve(config)
   teacher = None
-  if methods.get(config.method).uses_teacher:
+  if resolved.method.uses_teacher:
     teacher = teachers.load_frozen(workdir, config, mesh)
     if teacher is None:
       raise CheckpointError(f"{workdir} has no frozen_teacher: the "
@@ -76,7 +77,7 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   train_data, eval_data = data_lib.create_datasets(
       config.data, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
-  state = state_lib.create_state(config, mesh, teacher,
+  state = state_lib.create_state(resolved, mesh, teacher,
                                  getattr(train_data, "labels", None))
   directory = "best" if which == "best" else "checkpoints"
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, directory), 1)
@@ -88,8 +89,9 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   if restored is None:
     raise CheckpointError(f"{stage_dir}/{directory} holds no checkpoint yet")
   trainable, meta = restored
-  result = train.evaluate(train_step.make_eval_step(config, mesh),
-                          trainable.replace(teacher=teacher), eval_data)
+  result = train.evaluate(train_step.make_eval_step(resolved, mesh),
+                          trainable.replace(teacher=teacher), eval_data,
+                          resolved.hparams(max(meta["epoch"], 1)))
   return _rows(stage, which, meta["epoch"], result)
 
 
@@ -100,6 +102,7 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   from slkd_jax import (artifact, convert_torch, parallel, teachers, train,
                         train_step)
   from slkd_jax import data as data_lib
+  from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
   if artifact.is_artifact(path):
     variables, meta = artifact.load(path)
@@ -114,8 +117,9 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
       config.data, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
   state = state_lib.DistillState(step=jnp.zeros((), jnp.int32), student=model)
-  result = train.evaluate(train_step.make_eval_step(config, mesh), state,
-                          eval_data)
+  resolved = stage_lib.resolve(config)
+  result = train.evaluate(train_step.make_eval_step(resolved, mesh), state,
+                          eval_data, resolved.hparams(1))
   return _rows(os.path.basename(os.path.normpath(path)), "model",
                meta.get("source", {}).get("epoch", "-")
                if isinstance(meta.get("source"), dict) else "-", result)

@@ -99,7 +99,7 @@ def objective(method: FeatureMethod):
     feat = method.term(outputs.student_features, teacher, settings, modules,
                        mask)
     return (hp.ce_weight * ce + hp.feat_weight * feat,
-            {"student_ce": ce, f"student_{method.name}": feat})
+            {"student/ce": ce, f"student/{method.name}": feat})
 
   return student_objective
 

@@ -37,13 +37,36 @@ def _check_logits(logits, labels=None):
     chex.assert_type(labels, int)
 
 
+def per_example_cross_entropy(logits: jax.Array, labels: jax.Array
+                              ) -> jax.Array:
+  """``[B]``: −log softmax(z_b)[y_b]."""
+  _check_logits(logits, labels)
+  log_probs = jax.nn.log_softmax(_at_least_f32(logits))
+  return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   mask: jax.Array | None = None) -> jax.Array:
   """CE(z, y) = (1/B) Σ_b −log softmax(z_b)[y_b]; no label smoothing."""
+  return masked_mean(per_example_cross_entropy(logits, labels), mask)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """``[B]`` float32: 1 where the label is among the ``k`` highest logits
+  (ties broken towards the lower class index, as ``argmax``)."""
   _check_logits(logits, labels)
-  log_probs = jax.nn.log_softmax(_at_least_f32(logits))
-  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  return masked_mean(nll, mask)
+  if k == 1:
+    hit = jnp.argmax(logits, -1) == labels
+  else:
+    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+    hit = jnp.any(top == labels[:, None], -1)
+  return hit.astype(jnp.float32)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+  """Top-1 accuracy in [0, 1] over the real examples."""
+  return masked_mean(topk_correct(logits, labels, 1), mask)
 
 
 def _kl_per_example(log_p_target: jax.Array, log_p_input: jax.Array
@@ -153,8 +176,8 @@ def slkd_student_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   kd_fused = kd_loss(student_logits, fused_logits, temperature, mask)
   loss = (ce_weight * ce + kd_weight * kd_teacher +
           fused_weight * (fused_ce_weight * ce + fused_kd_weight * kd_fused))
-  return loss, {"student_ce": ce, "student_kd_teacher": kd_teacher,
-                "student_kd_fused": kd_fused}
+  return loss, {"student/ce": ce, "student/kd_teacher": kd_teacher,
+                "student/kd_fused": kd_fused}
 
 
 def slt_loss(slt_logits: jax.Array, teacher_logits: jax.Array,
@@ -175,4 +198,4 @@ def slt_loss(slt_logits: jax.Array, teacher_logits: jax.Array,
   kd = jax.vmap(kd_loss, in_axes=(0, None, None, None))(
       slt_logits, teacher_logits, temperature, mask)
   loss = jnp.sum(ce_weight * ce + kd_weight * kd)
-  return loss, {"slt_ce": ce, "slt_kd_teacher": kd}
+  return loss, {"slt/ce": ce, "slt/kd_teacher": kd}

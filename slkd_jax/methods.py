@@ -26,9 +26,8 @@ from typing import Any, Callable
 
 import flax
 import jax
-import jax.numpy as jnp
 
-from slkd_jax import feature_methods, losses, optim
+from slkd_jax import feature_methods, losses
 
 
 @flax.struct.dataclass
@@ -74,15 +73,15 @@ StudentObjective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 def _ce_objective(logits: Logits, labels, mask, hp: HParams, **_):
   ce = losses.cross_entropy(logits.student, labels, mask)
-  return ce, {"student_ce": ce}
+  return ce, {"student/ce": ce}
 
 
 def _kd_objective(logits: Logits, labels, mask, hp: HParams, **_):
   ce = losses.cross_entropy(logits.student, labels, mask)
   kd = losses.kd_loss(logits.student, jax.lax.stop_gradient(logits.teacher),
                       hp.temperature, mask)
-  return hp.ce_weight * ce + hp.kd_weight * kd, {"student_ce": ce,
-                                                 "student_kd_teacher": kd}
+  return hp.ce_weight * ce + hp.kd_weight * kd, {"student/ce": ce,
+                                                 "student/kd_teacher": kd}
 
 
 def _dkd_objective(logits: Logits, labels, mask, hp: HParams, **_):
@@ -90,7 +89,7 @@ def _dkd_objective(logits: Logits, labels, mask, hp: HParams, **_):
   dkd = losses.dkd_loss(logits.student, jax.lax.stop_gradient(logits.teacher),
                         labels, hp.dkd_alpha, hp.dkd_beta, hp.temperature, mask)
   return (hp.ce_weight * ce + hp.dkd_warmup_factor * dkd,
-          {"student_ce": ce, "student_dkd": dkd})
+          {"student/ce": ce, "student/dkd": dkd})
 
 
 def _slkd_objective(logits: Logits, labels, mask, hp: HParams, *,
@@ -216,47 +215,3 @@ def loss_settings(config: Any, method: str | None = None
   settings = dict(config.recipes[method or config.method])
   settings.update(loss_overrides(config))
   return types.SimpleNamespace(**settings)
-
-
-def fusion_weights(config: Any) -> list[float]:
-  """SL-T fusion weights: ``config.slkd.fusion_weights`` or uniform 1/K
-  (the reference's (0.5, 0.5) at K = 2); empty without SL-Ts."""
-  if not get(config.method).uses_slts:
-    return []
-  if config.slkd.fusion_weights is not None:
-    return [float(w) for w in config.slkd.fusion_weights]
-  return [1.0 / config.slkd.num_slts] * config.slkd.num_slts
-
-
-def make_hparams(config: Any, epoch: int) -> HParams:
-  """The :class:`HParams` for (1-indexed) ``epoch`` from a run config.
-
-  The learning rate follows the step schedule; DKD's warm-up factor is
-  ``min(epoch / warmup, 1)``. SL-T loss weights default to (are tied to) the
-  student's ``ce_weight`` / ``kd_weight`` as in the reference. The arrays
-  are float64 for a float64 run (0.1 or 0.05 in float32 would leak float32
-  rounding into it), float32 otherwise; float64 needs ``jax_enable_x64``.
-  """
-  loss, opt = loss_settings(config), config.optim
-  fusion = fusion_weights(config)
-  dtype = jnp.float64 if config.dtype == "float64" else jnp.float32
-  arr = lambda v: jnp.asarray(v, dtype)  # noqa: E731
-  tied = lambda v, default: default if v is None else v  # noqa: E731
-  return HParams(
-      learning_rate=arr(optim.learning_rate(opt.learning_rate, epoch,
-                                            opt.decay_epochs, opt.decay_rate)),
-      temperature=arr(loss.temperature),
-      ce_weight=arr(loss.ce_weight),
-      kd_weight=arr(loss.kd_weight),
-      fused_weight=arr(loss.fused_weight),
-      fused_ce_weight=arr(loss.fused_ce_weight),
-      fused_kd_weight=arr(loss.fused_kd_weight),
-      slt_ce_weight=arr(tied(loss.slt_ce_weight, loss.ce_weight)),
-      slt_kd_weight=arr(tied(loss.slt_kd_weight, loss.kd_weight)),
-      fusion_weights=arr(fusion).reshape((len(fusion),)),
-      dkd_alpha=arr(loss.dkd_alpha),
-      dkd_beta=arr(loss.dkd_beta),
-      dkd_warmup_factor=arr(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
-      feat_weight=arr(loss.feat_weight),
-      epoch=arr(epoch),
-  )

@@ -12,7 +12,6 @@ shard, donate and checkpoint as plain trees.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slkd_jax import feature_methods, methods, models, optim, parallel
+from slkd_jax import feature_methods, parallel
 from slkd_jax.models.layers import param_dtype
 
 PyTree = Any
@@ -102,71 +101,29 @@ def init_stacked_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 # ---------------------------------------------------------------------------
-# Builders from a run config.
+# A fresh state for a stage.
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-  """The flax modules of a run (the SL-Ts share the teacher's architecture;
-  ``modules``: the method's extra trainable modules by name)."""
-  student: nn.Module
-  teacher: nn.Module | None
-  slt: nn.Module | None
-  num_slts: int
-  modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
-
-
-def build_networks(config) -> Networks:
-  """Student, teacher and SL-T modules for ``config`` (compute dtype set)."""
-  method = methods.get(config.method)
-  dtype = jnp.dtype(config.dtype)
-  n = config.data.num_classes
-  teacher = (models.create(config.teacher.arch, n, dtype)
-             if method.uses_teacher or method.uses_slts else None)
-  student = models.create(config.student.arch, n, dtype)
-  modules = {}
-  if method.features:
-    modules = feature_methods.make_modules(
-        method.name, student, teacher, methods.loss_settings(config), dtype,
-        config.data.image_size)
-  return Networks(
-      student=student,
-      teacher=teacher if method.uses_teacher else None,
-      slt=teacher if method.uses_slts else None,
-      num_slts=config.slkd.num_slts if method.uses_slts else 0,
-      modules=modules)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """The reference SGD (without ``−lr``) shared by the student and SL-Ts."""
-  return optim.sgd_direction(config.optim.weight_decay, config.optim.momentum)
-
-
-def image_shape(config) -> tuple[int, int, int]:
-  size = config.data.image_size
-  return (size, size, 3)
-
-
-def _init_module(config, name: str, module: nn.Module, student: nn.Module,
-                 tx, key) -> TrainState:
+def _init_module(stage, name: str, key) -> TrainState:
   """A fresh state of the method's module ``name`` (its own initialisers,
   shapes from the student's features)."""
   args, kwargs = feature_methods.module_example_inputs(
-      config.method, name, student, methods.loss_settings(config),
-      config.data.image_size)
-  variables = module.init(key, *args, **kwargs)
+      stage.method.name, name, stage.nets.student, stage.settings,
+      stage.image_size)
+  variables = stage.nets.modules[name].init(key, *args, **kwargs)
   params = variables["params"]
   return TrainState(params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    step=jnp.zeros((), jnp.int32), opt_state=tx.init(params))
+                    step=jnp.zeros((), jnp.int32),
+                    opt_state=stage.tx.init(params))
 
 
-def create_state(config, mesh, teacher: ModelState | None = None,
+def create_state(stage, mesh, teacher: ModelState | None = None,
                  train_labels=None) -> DistillState:
-  """A fresh, replicated :class:`DistillState` for ``config``.
+  """A fresh, replicated :class:`DistillState` for a stage.
 
   Args:
-    config: run config (``slkd_jax.config``).
+    stage: the resolved stage (:func:`slkd_jax.stage.resolve`).
     mesh: device mesh; the state is replicated over it.
     teacher: the frozen teacher's variables, required when the method uses a
       teacher.
@@ -178,16 +135,14 @@ def create_state(config, mesh, teacher: ModelState | None = None,
   the method's modules in name order and :data:`BUFFERS_TAG` for its
   buffers.
   """
-  method = methods.get(config.method)
+  method, nets, tx = stage.method, stage.nets, stage.tx
   if method.uses_teacher and teacher is None:
-    raise ValueError(f"method {config.method!r} needs a teacher: set "
+    raise ValueError(f"method {method.name!r} needs a teacher: set "
                      "config.teacher.checkpoint or train one first")
   if method.init_buffers is not None and train_labels is None:
-    raise ValueError(f"method {config.method!r} keeps per-example memory and "
+    raise ValueError(f"method {method.name!r} keeps per-example memory and "
                      "needs the training labels (train_labels=)")
-  nets = build_networks(config)
-  tx = make_optimizer(config)
-  shape = image_shape(config)
+  shape = stage.image_shape
 
   def init(root):
     student = init_train_state(nets.student, tx, jax.random.fold_in(root, 1),
@@ -198,21 +153,19 @@ def create_state(config, mesh, teacher: ModelState | None = None,
       slts = init_stacked_train_state(nets.slt, tx, keys, shape)
     modules = None
     if nets.modules:
-      modules = {name: _init_module(config, name, module, nets.student, tx,
+      modules = {name: _init_module(stage, name,
                                     jax.random.fold_in(root, 3 + i))
-                 for i, (name, module) in enumerate(
-                     sorted(nets.modules.items()))}
+                 for i, name in enumerate(sorted(nets.modules))}
     buffers = None
     if method.init_buffers is not None:
       buffers = method.init_buffers(
-          jax.random.fold_in(root, BUFFERS_TAG), methods.loss_settings(config),
-          train_labels, param_dtype(config.dtype))
+          jax.random.fold_in(root, BUFFERS_TAG), stage.settings, train_labels,
+          param_dtype(stage.dtype))
     return DistillState(step=jnp.zeros((), jnp.int32), student=student,
                         slts=slts, modules=modules, buffers=buffers)
 
   replicated = parallel.replicated(mesh)
-  state = jax.jit(init, out_shardings=replicated)(
-      jax.random.key(config.seed))
+  state = jax.jit(init, out_shardings=replicated)(jax.random.key(stage.seed))
   if method.uses_teacher:
     state = state.replace(teacher=jax.device_put(teacher, replicated))
   return state

@@ -36,6 +36,7 @@ from slkd_jax import (artifact, checkpoint, methods, metrics, parallel,
                       preemption, teachers, train_step)
 from slkd_jax import config as config_lib
 from slkd_jax import data as data_lib
+from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax.errors import ConfigError, NonFiniteLossError
 from slkd_jax.preemption import Preempted
@@ -60,6 +61,7 @@ class StageResult:
 class _Loop:
   """What the epoch loop of one stage works with (built once per stage)."""
   config: ml_collections.ConfigDict
+  stage: stage_lib.Stage
   name: str
   stage_dir: str
   mesh: Any
@@ -81,11 +83,12 @@ class _Loop:
 # Evaluation and metrics.
 
 
-def evaluate(eval_fn, state, eval_data) -> dict[str, float]:
-  """One pass over the eval split: top-1/top-5 (%) and CE per network."""
+def evaluate(eval_fn, state, eval_data, hp) -> dict[str, float]:
+  """One pass over the eval split: top-1/top-5 (%) and CE per network
+  (``hp``: the hyper-parameters of the epoch evaluated, for the fusion)."""
   total = None
   for batch in eval_data:
-    sums = eval_fn(state, batch)
+    sums = eval_fn(state, batch, hp)
     total = sums if total is None else _add(total, sums)
   host = parallel.global_to_host(total)
   count = float(host.pop("count"))
@@ -125,16 +128,17 @@ def _check_finite(step: int, averages: dict[str, Any], loop: _Loop) -> None:
 
 
 def _flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
-  """``{'slt_acc': [a, b]}`` → ``{'slt_0/acc': a, 'slt_1/acc': b}``."""
+  """``{'slt/acc': [a, b]}`` → ``{'slt_0/acc': a, 'slt_1/acc': b}``: one
+  ``<network>/<quantity>`` key per stacked network."""
   flat = {}
   for key, value in values.items():
     value = np.asarray(value)
     if value.ndim == 0:
       flat[key] = float(value)
     else:
-      prefix, _, rest = key.partition("_")
+      network, _, quantity = key.partition("/")
       for k, v in enumerate(value):
-        flat[f"{prefix}_{k}/{rest}"] = float(v)
+        flat[f"{network}_{k}/{quantity}"] = float(v)
   return flat
 
 
@@ -191,7 +195,7 @@ def _train_epoch(loop: _Loop, step_fn, state, epoch: int, start_step: int,
     Preempted: a stop was agreed; a checkpoint was saved first.
     NonFiniteLossError: a loss term became NaN/Inf.
   """
-  hp = methods.make_hparams(loop.config, epoch + 1)
+  hp = loop.stage.hparams(epoch + 1)
   steps_per_epoch = loop.train_data.steps_per_epoch
   global_step = epoch * steps_per_epoch + start_step
   log_every = loop.config.log_every_steps
@@ -231,9 +235,10 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
   """Evaluate, record, and save the checkpoint / best state as due."""
   config, is_main = loop.config, jax.process_index() == 0
   global_step = epoch * loop.train_data.steps_per_epoch
-  record = {"epoch": epoch, **evaluate(eval_fn, state, loop.eval_data)}
+  record = {"epoch": epoch, **evaluate(eval_fn, state, loop.eval_data,
+                                       loop.stage.hparams(epoch))}
   record.update({k: v for k, v in train_means.items()
-                 if k in ("loss", "kl_student_teacher", "kl_student_fused")})
+                 if k in ("loss", "student/kl_teacher", "student/kl_fused")})
   loop.history.append(record)
   writer.write(global_step, record, prefix="eval/", epoch=epoch,
                stage=loop.name)
@@ -278,13 +283,14 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
     ConfigError: the stage's checkpoint belongs to a different config.
   """
   is_main = jax.process_index() == 0
-  loop = _Loop(config, name, stage_dir, mesh, train_data, eval_data,
+  loop = _Loop(config, stage_lib.resolve(config), name, stage_dir, mesh,
+               train_data, eval_data,
                checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                        config.keep_checkpoints),
                checkpoint.Checkpointer(os.path.join(stage_dir, "best"), 1),
                stop, [])
   try:
-    state = state_lib.create_state(config, mesh, teacher,
+    state = state_lib.create_state(loop.stage, mesh, teacher,
                                    getattr(train_data, "labels", None))
     if is_main:
       _log_parameter_counts(name, state)
@@ -338,8 +344,8 @@ def _train_stage(loop: _Loop, state, epoch: int, start_step: int):
       f.write(config.to_json_best_effort(indent=2))
   logging.info("stage %s (%s): loss settings %s", loop.name, config.method,
                dict(config.loss))
-  step_fn = train_step.make_train_step(config, loop.mesh)
-  eval_fn = train_step.make_eval_step(config, loop.mesh)
+  step_fn = train_step.make_train_step(loop.stage, loop.mesh)
+  eval_fn = train_step.make_eval_step(loop.stage, loop.mesh)
   writer = metrics.MetricWriter(loop.stage_dir, enabled=is_main)
   bar = metrics.ProgressBar(config.num_epochs * steps_per_epoch,
                             desc=loop.name, enabled=is_main,
@@ -416,8 +422,8 @@ def _check_data(config, train_data) -> None:
     raise ConfigError(
         f"config.data.num_classes={config.data.num_classes} but dataset "
         f"{config.data.name!r} has {train_data.num_classes} classes")
-  expected = state_lib.image_shape(config)
-  if tuple(train_data.image_shape) != expected:
+  size = config.data.image_size
+  if tuple(train_data.image_shape) != (size, size, 3):
     raise ConfigError(
         f"config.data.image_size={config.data.image_size} but dataset "
         f"{config.data.name!r} yields images of shape "

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from slkd_jax import losses, methods, optim, parallel
-from slkd_jax.models.layers import param_dtype
 from slkd_jax.methods import HParams, Logits
 from slkd_jax.models import Outputs
-from slkd_jax.state import (STEP_RNG_TAG, DistillState, ModelState, Networks,
-                            TrainState, build_networks, make_optimizer)
+from slkd_jax.stage import Networks, Stage
+from slkd_jax.state import STEP_RNG_TAG, DistillState, ModelState, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -128,45 +127,38 @@ def _sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
                        step=state.step + 1)
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
-  return losses.masked_mean(
-      (jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
-
-
 def _batch_metrics(logits: Logits, labels, mask, hp: HParams) -> Metrics:
-  """Batch accuracies and the paper's Figure 2 quantities (KL at T = 1)."""
-  m = {"student_acc": _accuracy(logits.student, labels, mask)}
+  """Batch accuracies and the paper's Figure 2 quantities (KL at T = 1),
+  keyed ``<network>/<quantity>`` as the eval metrics are."""
+  m = {"student/acc": losses.accuracy(logits.student, labels, mask)}
   if logits.teacher is not None:
-    m["teacher_acc"] = _accuracy(logits.teacher, labels, mask)
-    m["kl_student_teacher"] = losses.kl_divergence(logits.student,
+    m["teacher/acc"] = losses.accuracy(logits.teacher, labels, mask)
+    m["student/kl_teacher"] = losses.kl_divergence(logits.student,
                                                    logits.teacher, 1.0, mask)
   if logits.slts is not None:
-    m["slt_acc"] = jax.vmap(_accuracy, (0, None, None))(logits.slts, labels,
-                                                        mask)
-    m["fused_acc"] = _accuracy(logits.fused, labels, mask)
-    m["kl_student_fused"] = losses.kl_divergence(logits.student, logits.fused,
+    m["slt/acc"] = jax.vmap(losses.accuracy, (0, None, None))(
+        logits.slts, labels, mask)
+    m["slt_fused/acc"] = losses.accuracy(logits.fused, labels, mask)
+    m["student/kl_fused"] = losses.kl_divergence(logits.student, logits.fused,
                                                  1.0, mask)
   m["learning_rate"] = hp.learning_rate
   return m
 
 
-def build_train_step(config, nets: Networks | None = None
+def build_train_step(stage: Stage
                      ) -> Callable[[DistillState, ModelState | None, Batch,
                                     HParams], tuple[DistillState, Metrics]]:
-  """The pure (un-jitted) train step of ``config.method``.
+  """The pure (un-jitted) train step of a stage's method.
 
   ``step(state_without_teacher, teacher, batch, hp) -> (state, metrics)``;
   the teacher is a separate argument so the jitted step can donate the
   trainable state but not the frozen teacher.
   """
-  method = methods.get(config.method)
-  nets = nets or build_networks(config)
-  tx = make_optimizer(config)
-  detach = bool(config.slkd.detach_fused_target)
-  impl = config.slkd.ensemble
-  settings = methods.loss_settings(config)
+  method, nets, tx = stage.method, stage.nets, stage.tx
+  detach, impl, settings = (stage.detach_fused_target, stage.ensemble,
+                            stage.settings)
   if method.build_step is not None:
-    return method.build_step(config, nets, tx, settings)
+    return method.build_step(stage)
 
   def teacher_outputs(teacher: ModelState | None, images):
     if nets.teacher is None:
@@ -195,7 +187,7 @@ def build_train_step(config, nets: Networks | None = None
       logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
       module_stats = {}
       loss, terms, buffers = _student_objective(
-          method, state, logits, batch, hp, config.seed,
+          method, state, logits, batch, hp, stage.seed,
           detach_fused_target=detach,
           settings=settings,
           modules=_bind_modules(nets, state.modules, module_params,
@@ -205,7 +197,7 @@ def build_train_step(config, nets: Networks | None = None
         slt_total, slt_terms = losses.slt_loss(
             z_k, z_t, labels, temperature=hp.temperature,
             ce_weight=hp.slt_ce_weight, kd_weight=hp.slt_kd_weight, mask=mask)
-        terms = {**terms, "student_loss": loss, "slt_loss": slt_total,
+        terms = {**terms, "student/loss": loss, "slt/loss": slt_total,
                  **slt_terms}
         loss = loss + slt_total
       logits = logits.replace(student_features=None, teacher_features=None)
@@ -271,7 +263,7 @@ def build_train_step(config, nets: Networks | None = None
     student = _sgd_update(state.student, grads, student_stats, tx,
                           hp.learning_rate)
     metrics = {"loss": student_total + slt_total, **terms,
-               "student_loss": student_total, "slt_loss": slt_total,
+               "student/loss": student_total, "slt/loss": slt_total,
                **slt_terms, **_batch_metrics(logits, labels, mask, hp)}
     return state.replace(step=state.step + 1, student=student,
                          slts=slts), metrics
@@ -279,7 +271,7 @@ def build_train_step(config, nets: Networks | None = None
   return sequential_step if method.sequential else joint_step
 
 
-def make_train_step(config, mesh, nets: Networks | None = None
+def make_train_step(stage: Stage, mesh
                     ) -> Callable[[DistillState, Batch, HParams],
                                   tuple[DistillState, Metrics]]:
   """The jitted, sharded train step: ``step(state, batch, hp)``.
@@ -292,7 +284,7 @@ def make_train_step(config, mesh, nets: Networks | None = None
   """
   replicated = parallel.replicated(mesh)
   jitted = jax.jit(
-      build_train_step(config, nets),
+      build_train_step(stage),
       in_shardings=(replicated, replicated, parallel.batch_sharding(mesh),
                     replicated),
       out_shardings=(replicated, replicated),
@@ -306,51 +298,45 @@ def make_train_step(config, mesh, nets: Networks | None = None
   return step
 
 
-def build_eval_step(config, nets: Networks | None = None
-                    ) -> Callable[[DistillState, Batch], Metrics]:
-  """Pure eval step: per-network *sums* over the batch's real examples.
+def build_eval_step(stage: Stage
+                    ) -> Callable[[DistillState, Batch, HParams], Metrics]:
+  """Pure eval step ``(state, batch, hp)``: per-network *sums* over the
+  batch's real examples.
 
   Returns ``{'count', '<net>/top1', '<net>/top5', '<net>/ce'}`` for ``student``,
   ``teacher``, ``slt_<k>`` (as one ``slt/...`` array ``[K]``) and
-  ``slt_fused``, all in eval mode; sums (not means) so the caller can add
-  batches and divide once, counting every example exactly once.
+  ``slt_fused`` (fused with ``hp.fusion_weights``, as in training), all in
+  eval mode; sums (not means) so the caller can add batches and divide once,
+  counting every example exactly once.
   """
-  method = methods.get(config.method)
-  nets = nets or build_networks(config)
-  impl = config.slkd.ensemble
+  method, nets, impl = stage.method, stage.nets, stage.ensemble
 
   def sums(logits, labels, weights):
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    log_probs = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
     return {
-        "top1": jnp.sum(weights * (jnp.argmax(logits, -1) == labels)),
-        "top5": jnp.sum(weights * jnp.any(top5 == labels[:, None], -1)),
-        "ce": jnp.sum(weights * nll),
+        "top1": jnp.sum(weights * losses.topk_correct(logits, labels, 1)),
+        "top5": jnp.sum(weights * losses.topk_correct(logits, labels, 5)),
+        "ce": jnp.sum(weights * losses.per_example_cross_entropy(logits,
+                                                                 labels)),
     }
 
-  def eval_step(state: DistillState, batch: Batch) -> Metrics:
+  def eval_step(state: DistillState, batch: Batch, hp: HParams) -> Metrics:
     images, labels = batch["image"], batch["label"]
     weights = batch["mask"].astype(jnp.float32)
     out = {"count": jnp.sum(weights)}
     if method.eval_logits is not None:
-      for name, logits in method.eval_logits(state, nets, images).items():
-        out.update({f"{name}/{k}": v for k, v in
-                    sums(logits, labels, weights).items()})
-      return out
-    networks = {"student": nets.student.apply(state.student.variables, images,
-                                              train=False)}
-    if method.uses_teacher:
-      networks["teacher"] = nets.teacher.apply(state.teacher.variables, images,
-                                               train=False)
-    if method.uses_slts:
-      z_k, _ = apply_ensemble(nets.slt, state.slts, images, train=False,
-                              mask=None, impl=impl)
-      fusion = jnp.asarray(methods.fusion_weights(config),
-                           param_dtype(config.dtype))
-      networks["slt_fused"] = losses.fuse_logits(z_k, fusion)
-      per_slt = jax.vmap(sums, (0, None, None))(z_k, labels, weights)
-      out.update({f"slt/{k}": v for k, v in per_slt.items()})
+      networks = method.eval_logits(state, nets, images)
+    else:
+      networks = {"student": nets.student.apply(state.student.variables,
+                                                images, train=False)}
+      if method.uses_teacher:
+        networks["teacher"] = nets.teacher.apply(state.teacher.variables,
+                                                 images, train=False)
+      if method.uses_slts:
+        z_k, _ = apply_ensemble(nets.slt, state.slts, images, train=False,
+                                mask=None, impl=impl)
+        networks["slt_fused"] = losses.fuse_logits(z_k, hp.fusion_weights)
+        per_slt = jax.vmap(sums, (0, None, None))(z_k, labels, weights)
+        out.update({f"slt/{k}": v for k, v in per_slt.items()})
     for name, logits in networks.items():
       out.update({f"{name}/{k}": v for k, v in
                   sums(logits, labels, weights).items()})
@@ -359,10 +345,11 @@ def build_eval_step(config, nets: Networks | None = None
   return eval_step
 
 
-def make_eval_step(config, mesh, nets: Networks | None = None
-                   ) -> Callable[[DistillState, Batch], Metrics]:
+def make_eval_step(stage: Stage, mesh
+                   ) -> Callable[[DistillState, Batch, HParams], Metrics]:
   """The jitted, sharded eval step (see :func:`build_eval_step`)."""
   replicated = parallel.replicated(mesh)
-  return jax.jit(build_eval_step(config, nets),
-                 in_shardings=(replicated, parallel.batch_sharding(mesh)),
+  return jax.jit(build_eval_step(stage),
+                 in_shardings=(replicated, parallel.batch_sharding(mesh),
+                               replicated),
                  out_shardings=replicated)

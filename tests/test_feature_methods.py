@@ -9,6 +9,7 @@ import pytest
 from slkd_jax import config as config_lib
 from slkd_jax import feature_methods, methods, parallel, train
 from slkd_jax import data as data_lib
+from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax import train_step
 
@@ -40,16 +41,16 @@ def digits_batch():
 
 
 def teacher_of(c, mesh):
-  nets = state_lib.build_networks(c)
+  nets = stage_lib.resolve(c).nets
   params, stats = state_lib.init_variables(nets.teacher, jax.random.key(7),
-                                           state_lib.image_shape(c))
+                                           stage_lib.resolve(c).image_shape)
   return state_lib.ModelState(params, jax.tree.map(lambda s: s + 0.1, stats))
 
 
 def steps(c, mesh, batch, n):
-  state = state_lib.create_state(c, mesh, teacher_of(c, mesh))
-  step = train_step.make_train_step(c, mesh)
-  hp = methods.make_hparams(c, epoch=1)
+  state = state_lib.create_state(stage_lib.resolve(c), mesh, teacher_of(c, mesh))
+  step = train_step.make_train_step(stage_lib.resolve(c), mesh)
+  hp = stage_lib.resolve(c).hparams(1)
   batch = jax.device_put(jax.device_get(batch), parallel.batch_sharding(mesh))
   history = []
   for _ in range(n):
@@ -73,13 +74,13 @@ def test_method_trains_in_the_step_and_lowers_its_loss(method, digits_batch):
   assert settings.ce_weight == 1.0
   assert settings.feat_weight == feature_methods.fl.FEATURE_DEFAULTS[
       method]["feat_weight"]
-  term = f"student_{method}"
+  term = f"student/{method}"
   assert all(np.isfinite(h[term]) and np.isfinite(h["loss"]) for h in history)
   assert history[-1]["loss"] < history[0]["loss"], [h["loss"] for h in history]
   has_connector = feature_methods.FEATURE_METHODS[method].has_connector
   assert (state.modules is not None) == has_connector
   if has_connector:  # the connector is trained with the student
-    fresh = state_lib.create_state(c, mesh_for(method),
+    fresh = state_lib.create_state(stage_lib.resolve(c), mesh_for(method),
                                    teacher_of(c, mesh_for(method)))
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                          state.modules, jax.device_get(fresh.modules))
@@ -104,7 +105,7 @@ def test_one_and_eight_devices_agree(method, digits_batch):
 
 def test_connector_parameters_are_counted_as_extra():
   c = digits_config("fitnet")
-  state = state_lib.create_state(c, parallel.make_mesh(),
+  state = state_lib.create_state(stage_lib.resolve(c), parallel.make_mesh(),
                                  teacher_of(c, parallel.make_mesh()))
   # Hint layer 2 of resnet8 and resnet14: 16x16x32 both, so mdistiller's
   # ConvReg is a 1x1 conv (kernel 1 + 16 - 16) to 32 channels, then BN.

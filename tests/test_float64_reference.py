@@ -26,7 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import torch_models  # noqa: E402
 from slkd_jax import config as config_lib  # noqa: E402
-from slkd_jax import convert_torch, methods, parallel  # noqa: E402
+from slkd_jax import convert_torch, parallel  # noqa: E402
+from slkd_jax import stage as stage_lib  # noqa: E402
 from slkd_jax import state as state_lib  # noqa: E402
 from slkd_jax import train_step  # noqa: E402
 from slkd_jax.models import layers  # noqa: E402
@@ -49,8 +50,8 @@ CE_W, KD_W = 0.1, 0.9
 FUSION = (0.5, 0.5)
 RTOL = 1e-10
 # Loss terms logged by the JAX step and recomputed by the reference.
-TERMS = ("loss", "student_loss", "slt_loss", "student_ce",
-         "student_kd_teacher", "student_kd_fused", "slt_ce", "slt_kd_teacher")
+TERMS = ("loss", "student/loss", "slt/loss", "student/ce",
+         "student/kd_teacher", "student/kd_fused", "slt/ce", "slt/kd_teacher")
 
 
 # ---------------------------------------------------------------------------
@@ -100,10 +101,10 @@ def _reference_losses(z_s, z_t, z_k, y, detach):
   slt_ce = [F.cross_entropy(z, y) for z in z_k]
   slt_kd = [_kd(z, z_t.detach()) for z in z_k]
   slt = sum(CE_W * c + KD_W * k for c, k in zip(slt_ce, slt_kd))
-  terms = {"loss": student + slt, "student_loss": student, "slt_loss": slt,
-           "student_ce": ce, "student_kd_teacher": kd_t,
-           "student_kd_fused": kd_c, "slt_ce": torch.stack(slt_ce),
-           "slt_kd_teacher": torch.stack(slt_kd)}
+  terms = {"loss": student + slt, "student/loss": student, "slt/loss": slt,
+           "student/ce": ce, "student/kd_teacher": kd_t,
+           "student/kd_fused": kd_c, "slt/ce": torch.stack(slt_ce),
+           "slt/kd_teacher": torch.stack(slt_kd)}
   return student + slt, terms
 
 
@@ -186,7 +187,7 @@ def _config(ensemble, detach=False):
 def _initial_state(c, mesh, init):
   """The PyTorch nets' weights as a replicated :class:`DistillState`."""
   teacher, student, slts = init
-  tx = state_lib.make_optimizer(c)
+  tx = stage_lib.resolve(c).tx
 
   def train_state(variables, shape=()):
     params = variables["params"]
@@ -218,9 +219,9 @@ def jax_trajectory(c, init, batches, eval_images):
   per-step terms and the final eval-mode logits, checked float64."""
   mesh = parallel.make_mesh()
   state = _initial_state(c, mesh, init)
-  hp = methods.make_hparams(c, epoch=1)
+  hp = stage_lib.resolve(c).hparams(1)
   _assert_float64(hp, "HParams")
-  step = train_step.make_train_step(c, mesh)
+  step = train_step.make_train_step(stage_lib.resolve(c), mesh)
   history = []
   for images, labels in batches:
     batch = {"image": images, "label": labels.astype(np.int32),
@@ -238,7 +239,7 @@ def jax_trajectory(c, init, batches, eval_images):
 
 def _eval_logits(c, state, images):
   """Eval-mode logits of the student and of each SL-T (one compile)."""
-  nets = state_lib.build_networks(c)
+  nets = stage_lib.resolve(c).nets
 
   def logits(state):
     out = {"student": nets.student.apply(state.student.variables, images,
@@ -360,7 +361,7 @@ def test_a_detached_fused_target_is_far_outside_the_tolerance(runs):
   assert max(trajectory_errors(run, runs.torch(STEPS)).values()) < RTOL
   errors = trajectory_errors(run, runs.torch(STEPS, detach=True))
   print(f"\nagainst the detached reference: {_summary(errors)}")
-  assert errors["slt_ce"] > 1e4 * RTOL, _summary(errors)
+  assert errors["slt/ce"] > 1e4 * RTOL, _summary(errors)
   assert errors["eval_logits/slt_0"] > 1e4 * RTOL, _summary(errors)
 
 
@@ -372,17 +373,17 @@ def test_param_dtype_promotes_to_at_least_float32():
 
 def test_float64_run_has_float64_variables_and_hparams():
   c = _config("unrolled")
-  nets = state_lib.build_networks(c)
-  shape = state_lib.image_shape(c)
+  nets = stage_lib.resolve(c).nets
+  shape = stage_lib.resolve(c).image_shape
   for model in (nets.student, nets.slt):
     abstract = jax.eval_shape(lambda m=model: state_lib.init_train_state(
-        m, state_lib.make_optimizer(c), jax.random.key(0), shape))
+        m, stage_lib.resolve(c).tx, jax.random.key(0), shape))
     _assert_float64(abstract, f"a fresh {model.__class__.__name__} state")
-  hp = methods.make_hparams(c, epoch=1)
+  hp = stage_lib.resolve(c).hparams(1)
   _assert_float64(hp, "HParams")
   assert float(hp.ce_weight) == 0.1 and float(hp.learning_rate) == 0.05
   c.dtype = "bfloat16"
-  assert methods.make_hparams(c, epoch=1).ce_weight.dtype == jnp.float32
+  assert stage_lib.resolve(c).hparams(1).ce_weight.dtype == jnp.float32
 
 
 def test_convert_state_dict_keeps_float64_when_asked():

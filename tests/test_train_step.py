@@ -8,6 +8,7 @@ import pytest
 
 from slkd_jax import config as config_lib
 from slkd_jax import losses, methods, optim, parallel
+from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax import train_step
 
@@ -30,10 +31,10 @@ def tiny_config(method="slkd", num_slts=2, **slkd):
 
 
 def random_teacher(c, seed=42):
-  nets = state_lib.build_networks(c)
+  nets = stage_lib.resolve(c).nets
   model = nets.teacher or models_create(c)
   params, stats = state_lib.init_variables(
-      model, jax.random.key(seed), state_lib.image_shape(c))
+      model, jax.random.key(seed), stage_lib.resolve(c).image_shape)
   # Non-trivial running statistics, so eval-mode BN is really exercised.
   stats = jax.tree.map(lambda s: s + 0.1, stats)
   return state_lib.ModelState(params, stats)
@@ -57,9 +58,9 @@ def run_steps(c, mesh, batches, num_steps=1, state=None, step=None, hp=None):
   ``hp``); returns the final state on the host and the metrics of the last
   step."""
   if state is None:
-    state = state_lib.create_state(c, mesh, random_teacher(c))
-  step = step or train_step.make_train_step(c, mesh)
-  hp = methods.make_hparams(c, epoch=1) if hp is None else hp
+    state = state_lib.create_state(stage_lib.resolve(c), mesh, random_teacher(c))
+  step = step or train_step.make_train_step(stage_lib.resolve(c), mesh)
+  hp = stage_lib.resolve(c).hparams(1) if hp is None else hp
   metrics = None
   for batch in batches:
     global_batch = parallel.host_local_to_global(batch, mesh)
@@ -92,9 +93,9 @@ def test_detached_slts_equal_separate_single_slt_updates():
   c3 = tiny_config(num_slts=3, detach_fused_target=True)
   stacked, _ = run_steps(c3, mesh, batches)
   # On the host: each run donates (consumes) the device buffers it is given.
-  initial = jax.device_get(state_lib.create_state(c3, mesh, random_teacher(c3)))
+  initial = jax.device_get(state_lib.create_state(stage_lib.resolve(c3), mesh, random_teacher(c3)))
   c1 = tiny_config(num_slts=1, detach_fused_target=True)
-  single_step = train_step.make_train_step(c1, mesh)  # compiled once
+  single_step = train_step.make_train_step(stage_lib.resolve(c1), mesh)  # compiled once
   for k in range(3):
     single = initial.replace(slts=jax.tree.map(lambda x: x[k:k + 1],
                                                initial.slts))
@@ -145,19 +146,19 @@ def test_teacher_is_frozen_and_state_advances():
   c = tiny_config()
   mesh = parallel.make_mesh()
   teacher = random_teacher(c)
-  state = state_lib.create_state(c, mesh, teacher)
+  state = state_lib.create_state(stage_lib.resolve(c), mesh, teacher)
   final, metrics = run_steps(c, mesh, [make_batch(16, 16)], num_steps=2,
                              state=state)
   assert_trees_close(final.teacher, teacher, rtol=0, atol=0)
   assert int(final.step) == 2 and int(final.student.step) == 2
   np.testing.assert_array_equal(final.slts.step, [2, 2])
-  expected = {"loss", "student_loss", "slt_loss", "student_ce",
-              "student_kd_teacher", "student_kd_fused", "slt_ce",
-              "slt_kd_teacher", "student_acc", "teacher_acc", "slt_acc",
-              "fused_acc", "kl_student_teacher", "kl_student_fused",
+  expected = {"loss", "student/loss", "slt/loss", "student/ce",
+              "student/kd_teacher", "student/kd_fused", "slt/ce",
+              "slt/kd_teacher", "student/acc", "teacher/acc", "slt/acc",
+              "slt_fused/acc", "student/kl_teacher", "student/kl_fused",
               "learning_rate"}
   assert expected <= set(metrics)
-  assert metrics["slt_acc"].shape == (2,)
+  assert metrics["slt/acc"].shape == (2,)
   # Different random inits per SL-T (not copies of each other).
   first = jax.tree.leaves(final.slts.params)[0]
   assert np.max(np.abs(first[0] - first[1])) > 1e-3
@@ -168,10 +169,9 @@ def test_every_method_decreases_its_loss(method):
   c = tiny_config(method)
   c.optim.learning_rate = 0.02  # a stable step size for every objective
   mesh = parallel.make_mesh()
-  state = state_lib.create_state(
-      c, mesh, random_teacher(c) if methods.get(method).uses_teacher else None)
-  step = train_step.make_train_step(c, mesh)
-  hp = methods.make_hparams(c, epoch=30)  # DKD fully warmed up
+  state = state_lib.create_state(stage_lib.resolve(c), mesh, random_teacher(c) if methods.get(method).uses_teacher else None)
+  step = train_step.make_train_step(stage_lib.resolve(c), mesh)
+  hp = stage_lib.resolve(c).hparams(30)  # DKD fully warmed up
   batch = parallel.host_local_to_global(make_batch(16, 16), mesh)
   history = []
   for _ in range(6):
@@ -184,18 +184,27 @@ def test_every_method_decreases_its_loss(method):
 def test_eval_step_counts_real_examples_only():
   c = tiny_config()
   mesh = parallel.make_mesh()
-  state = state_lib.create_state(c, mesh, random_teacher(c))
-  evaluate = train_step.make_eval_step(c, mesh)
+  stage = stage_lib.resolve(c)
+  state = state_lib.create_state(stage, mesh, random_teacher(c))
+  evaluate = train_step.make_eval_step(stage, mesh)
   batch = make_batch(11, 16)
-  sums = jax.device_get(evaluate(state, parallel.host_local_to_global(batch,
-                                                                      mesh)))
+  global_batch = parallel.host_local_to_global(batch, mesh)
+  hp = stage.hparams(1)
+  sums = jax.device_get(evaluate(state, global_batch, hp))
   assert float(sums["count"]) == 11
+  # The fusion follows the step's hyper-parameters (not the config).
+  first_only = jax.device_get(evaluate(
+      state, global_batch, hp.replace(fusion_weights=jnp.asarray([1.0, 0.0]))))
+  assert float(first_only["slt_fused/ce"]) == pytest.approx(
+      float(first_only["slt/ce"][0]), rel=1e-6)
+  assert float(sums["slt_fused/ce"]) != pytest.approx(
+      float(sums["slt/ce"][0]), rel=1e-6)
   for name in ("student", "teacher", "slt_fused"):
     assert 0 <= float(sums[f"{name}/top1"]) <= float(sums[f"{name}/top5"]) <= 11
   assert sums["slt/top1"].shape == (2,)
   # Top-1 equals a direct eval-mode forward on the real examples.
-  nets = state_lib.build_networks(c)
-  logits = nets.student.apply(state.student.variables, batch["image"][:11],
+  logits = stage.nets.student.apply(state.student.variables,
+                                    batch["image"][:11],
                               train=False)
   expected = np.sum(np.argmax(logits, -1) == batch["label"][:11])
   assert float(sums["student/top1"]) == expected
@@ -204,7 +213,7 @@ def test_eval_step_counts_real_examples_only():
 def test_hparams_change_without_recompiling():
   c = tiny_config("kd")
   mesh = parallel.make_mesh()
-  step_fn = train_step.build_train_step(c)
+  step_fn = train_step.build_train_step(stage_lib.resolve(c))
   traces = []
 
   def counting(*args):
@@ -215,12 +224,12 @@ def test_hparams_change_without_recompiling():
   jitted = jax.jit(counting, in_shardings=(replicated, replicated,
                                            parallel.batch_sharding(mesh),
                                            replicated))
-  state = state_lib.create_state(c, mesh, random_teacher(c))
+  state = state_lib.create_state(stage_lib.resolve(c), mesh, random_teacher(c))
   batch = parallel.host_local_to_global(make_batch(16, 16), mesh)
   for epoch in (1, 151, 200):
     c.loss.temperature = float(epoch)
     _, metrics = jitted(state.replace(teacher=None), state.teacher, batch,
-                        methods.make_hparams(c, epoch))
+                        stage_lib.resolve(c).hparams(epoch))
   assert len(traces) == 1
   assert float(metrics["learning_rate"]) == pytest.approx(0.001)
 
@@ -291,7 +300,7 @@ def test_bfloat16_step_matches_float32_within_bfloat16_precision():
 def fresh_state(c, mesh, teacher):
   """A new state and its host copy: the step donates (consumes) the device
   buffers, and the hand computations need the values from before the step."""
-  state = state_lib.create_state(c, mesh, teacher)
+  state = state_lib.create_state(stage_lib.resolve(c), mesh, teacher)
   return state, jax.device_get(state)
 
 
@@ -314,7 +323,7 @@ def sgd_step_by_hand(c, model, net, loss_of_logits, batch, lr):
   step under test: plain ``jax.grad`` and the reference optimiser."""
   grads = jax.grad(lambda p: loss_of_logits(
       train_logits(model, p, net.batch_stats, batch)))(net.params)
-  buffer, _ = state_lib.make_optimizer(c).update(grads, net.opt_state,
+  buffer, _ = stage_lib.resolve(c).tx.update(grads, net.opt_state,
                                                  net.params)
   return optim.apply_sgd(net.params, buffer, lr)
 
@@ -334,7 +343,7 @@ def test_dkd_warmup_factor_is_epoch_over_warmup_capped_at_one(warmup, epoch,
   scales it."""
   c = tiny_config("dkd")
   c.loss.dkd_warmup = warmup
-  hp = methods.make_hparams(c, epoch)
+  hp = stage_lib.resolve(c).hparams(epoch)
   assert float(hp.dkd_warmup_factor) == pytest.approx(factor, abs=1e-7)
 
 
@@ -344,15 +353,15 @@ def test_dkd_step_scales_the_dkd_term_by_the_warmup_factor():
   c = tiny_config("dkd")
   c.loss.dkd_warmup = 20.0
   mesh = parallel.make_mesh()
-  nets = state_lib.build_networks(c)
+  nets = stage_lib.resolve(c).nets
   teacher = random_teacher(c)
   state, before = fresh_state(c, mesh, teacher)
   batch = make_batch(16, 16)
-  hp = methods.make_hparams(c, epoch=1)
+  hp = stage_lib.resolve(c).hparams(1)
   assert float(hp.dkd_warmup_factor) == pytest.approx(0.05)
   after, metrics = run_steps(c, mesh, [batch], state=state, hp=hp)
 
-  ce, dkd = float(metrics["student_ce"]), float(metrics["student_dkd"])
+  ce, dkd = float(metrics["student/ce"]), float(metrics["student/dkd"])
   assert dkd > 0.05 * ce  # large enough for a wrong factor to show
   assert float(metrics["loss"]) == pytest.approx(
       float(hp.ce_weight) * ce + 0.05 * dkd, rel=1e-6)
@@ -383,23 +392,23 @@ def test_slt_only_student_ignores_the_teacher():
 
   def one_step_per_teacher(method):
     c = tiny_config(method)
-    step = train_step.make_train_step(c, mesh)  # compiled once per method
+    step = train_step.make_train_step(stage_lib.resolve(c), mesh)  # compiled once per method
     return [run_steps(c, mesh, [batch], step=step,
-                      state=state_lib.create_state(c, mesh,
+                      state=state_lib.create_state(stage_lib.resolve(c), mesh,
                                                    random_teacher(c, seed)))
             for seed in (42, 7)]
 
   (a, metrics_a), (b, metrics_b) = one_step_per_teacher("slkd_slt_only")
-  hp = methods.make_hparams(tiny_config("slkd_slt_only"), epoch=1)
+  hp = stage_lib.resolve(tiny_config("slkd_slt_only")).hparams(1)
   for m in (metrics_a, metrics_b):
     expected = ((hp.ce_weight + hp.fused_weight * hp.fused_ce_weight) *
-                m["student_ce"] +
-                hp.fused_weight * hp.fused_kd_weight * m["student_kd_fused"])
-    assert float(m["student_loss"]) == pytest.approx(float(expected),
+                m["student/ce"] +
+                hp.fused_weight * hp.fused_kd_weight * m["student/kd_fused"])
+    assert float(m["student/loss"]) == pytest.approx(float(expected),
                                                      rel=1e-6)
   # The teacher term exists but is left out of the loss ...
-  assert min(float(metrics_a["student_kd_teacher"]),
-             float(metrics_b["student_kd_teacher"])) > 1e-2
+  assert min(float(metrics_a["student/kd_teacher"]),
+             float(metrics_b["student/kd_teacher"])) > 1e-2
   # ... the SL-Ts learn from the teacher, so the other one changes them ...
   assert max_abs_diff(a.slts.params, b.slts.params) > 1e-4
   # ... yet the student's update is the same, bit for bit (0·∇KD adds 0).
@@ -415,11 +424,11 @@ def test_slkd_seq_student_learns_from_the_updated_slts():
   *updated* SL-Ts' train-mode logits on the same batch."""
   c = tiny_config("slkd_seq")
   mesh = parallel.make_mesh()
-  nets = state_lib.build_networks(c)
+  nets = stage_lib.resolve(c).nets
   teacher = random_teacher(c)
   state, before = fresh_state(c, mesh, teacher)
   batch = make_batch(16, 16)
-  hp = methods.make_hparams(c, epoch=1)
+  hp = stage_lib.resolve(c).hparams(1)
   after, _ = run_steps(c, mesh, [batch], state=state, hp=hp)
 
   z_t = nets.teacher.apply(teacher.variables, batch["image"], train=False)
