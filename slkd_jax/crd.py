@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slkd_jax.errors import ConfigError
 from slkd_jax.models.layers import Linear
 
 # Scores in full float32 on accelerators (no TF32/bf16 passes), as PyTorch's
@@ -259,8 +260,8 @@ def sample_contrast_indices(key: jax.Array, index: jax.Array,
     mode: ``"exact"`` or ``"relax"``.
   """
   if mode not in CONTRAST_MODES:
-    raise ValueError(f"CRD mode must be one of {CONTRAST_MODES}, got "
-                     f"{mode!r}")
+    raise ConfigError(f"CRD mode must be one of {CONTRAST_MODES}, got "
+                      f"{mode!r}")
   chex.assert_rank([index, labels], 1)
   chex.assert_equal_shape([index, labels])
   key_neg, key_pos = jax.random.split(key)
