@@ -295,7 +295,8 @@ def _scores(bank: jax.Array, contrast_idx: jax.Array, v: jax.Array,
 def _normaliser(z: jax.Array, scores: jax.Array, weights: jax.Array,
                 num_real: jax.Array, num_examples: int) -> jax.Array:
   """Z, set on first use (Z < 0) to mean(scores)·N over the real rows, as
-  ContrastMemory; a constant of the loss (mdistiller reads it by ``.item()``)."""
+  ContrastMemory; a constant of the loss (mdistiller reads it by
+  ``.item()``)."""
   mean = jnp.sum(scores * weights[:, None]) / (num_real * scores.shape[1])
   estimate = (mean * num_examples).astype(z.dtype)
   unset = (z < 0) & (num_real > 0)
