@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from slkd_jax import crd
+from slkd_jax import crd, models
 from slkd_jax.errors import ConfigError
 
 RTOL = 1e-9
@@ -129,6 +129,12 @@ def test_make_embeds_names():
   modules = crd.make_embeds(64)
   assert set(modules) == {"embed_s", "embed_t"}
   assert modules["embed_t"].feat_dim == 64
+
+
+def test_pooled_feature_dim_of_the_crd_pair():
+  # CFG.CRD.FEAT.STUDENT_DIM / TEACHER_DIM = 256: resnet8x4 / resnet32x4.
+  assert crd.pooled_feature_dim(models.create("resnet8x4"), 32) == 256
+  assert crd.pooled_feature_dim(models.create("resnet32x4"), 32) == 256
 
 
 def test_init_memory_distribution():
