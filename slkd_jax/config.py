@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from slkd_jax import errors, feature_losses, methods, models
+from slkd_jax import crd, errors, methods, models
 
 DTYPES = ("float32", "bfloat16", "float64")
 ENSEMBLES = ("unrolled", "vmap")
@@ -155,7 +155,7 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
   SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
   The feature-based methods: mdistiller's CE 1, feature weight and method
-  settings (:data:`feature_losses.FEATURE_DEFAULTS`). Every recipe defines
+  settings (``Method.defaults``). Every recipe defines
   every key of :data:`methods.LOSS_KEYS`.
   """
   methods.get(method)
@@ -167,12 +167,9 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
             "feat_weight": 0.0}
   if method in ("ce", "dkd"):
     recipe["ce_weight"] = 1.0
-  if method in feature_losses.FEATURE_DEFAULTS:
-    # mdistiller's cfg.py: CE 1, the method's FEAT weight and settings (the
-    # connectors' input size is the data's image size).
-    recipe.update({k: v for k, v in
-                   feature_losses.FEATURE_DEFAULTS[method].items()
-                   if k != "input_size"})
+  # Methods ported from mdistiller and others: their reference CE and
+  # feature weights and own settings (Method.defaults).
+  recipe.update(methods.get(method).defaults)
   return recipe
 
 
@@ -232,6 +229,13 @@ def _validate_run(config) -> None:
   _check(len(set(stage_methods(config))) == len(compare) + 1, "compare_with",
          compare, f"methods other than config.method={config.method!r}, each "
          "once (every method is one stage)")
+  for method in stage_methods(config):
+    # Per-example memory (CRD) needs each example's dataset index, which
+    # only the device-resident pipelines carry.
+    _check(methods.get(method).init_buffers is None
+           or config.data.name != "imagenet2012", "data.name",
+           config.data.name, f"cifar100, digits or synthetic for method "
+           f"{method!r} (the ImageNet pipeline carries no dataset index yet)")
   _check(config.dtype in DTYPES, "dtype", config.dtype,
          f"one of {', '.join(DTYPES)}")
   for key in ("batch_size", "eval_batch_size", "num_epochs"):
@@ -282,14 +286,28 @@ def _validate_loss(config, method: str) -> None:
     name = f"loss.{key}" if key in overrides else f"recipes.{method}.{key}"
     if (key.startswith("slt_") and value is None) or key == "pdist_squared":
       continue  # None: tied to the student's weight; a typed bool
+    if key in _CHOICES:
+      _check(value in _CHOICES[key], name, value,
+             f"one of {', '.join(_CHOICES[key])}")
+      continue
     _check(_is_number(value), name, value, "a finite number")
-    if key in ("temperature", "dkd_warmup", "p", "eps", "init_pred_var"):
+    if key in _POSITIVE:
       _check(value > 0, name, value, "a positive number")
-    elif key in ("hint_layer", "k"):
-      _check(_is_int(value, int(key == "k")), name, value,
-             f"an int >= {int(key == 'k')}")
+    elif key in _INTS:
+      _check(_is_int(value, _INTS[key]), name, value,
+             f"an int >= {_INTS[key]}")
+    elif key in _FRACTIONS:
+      _check(0 <= value < 1, name, value, "in [0, 1)")
     else:
       _check(value >= 0, name, value, "a non-negative number")
+
+
+# Loss settings beyond "a non-negative number" (validate).
+_POSITIVE = frozenset({"temperature", "dkd_warmup", "p", "eps",
+                       "init_pred_var", "nce_t"})
+_INTS = {"hint_layer": 0, "k": 1, "nce_k": 1, "feat_dim": 1}
+_FRACTIONS = frozenset({"nce_momentum"})
+_CHOICES = {"mode": crd.CONTRAST_MODES}
 
 
 def _validate_optim(opt) -> None:

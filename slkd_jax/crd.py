@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slkd_jax import losses
 from slkd_jax.errors import ConfigError
 from slkd_jax.models.layers import Linear
 
@@ -402,3 +403,51 @@ def _as_float(x: jax.Array) -> jax.Array:
   """float32 for bf16/f16/f32; float64 stays float64 (exact tests)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# CRD as a row of the method table (slkd_jax.methods).
+
+
+def make_modules(student: nn.Module, teacher: nn.Module, settings: Any,
+                 dtype, image_size: int) -> dict[str, nn.Module]:
+  """The method's trainable modules: ``embed_s`` and ``embed_t``."""
+  del student, teacher, image_size
+  return make_embeds(int(settings.feat_dim), dtype)
+
+
+def module_inputs(name: str, student: nn.Module, teacher: nn.Module,
+                  settings: Any, image_size: int):
+  """``(args, kwargs)`` initialising ``embed_s`` / ``embed_t``: zeros of the
+  student's / teacher's pooled-feature width."""
+  del settings
+  model = student if name == "embed_s" else teacher
+  return (jnp.zeros((1, pooled_feature_dim(model, image_size))),), {}
+
+
+def init_buffers(key: jax.Array, settings: Any, train_labels: np.ndarray,
+                 dtype) -> dict[str, Any]:
+  """The non-trainable state: the memory banks and the class table of the
+  training labels (for the negatives)."""
+  labels = np.asarray(train_labels)
+  return {"memory": init_memory(key, labels.shape[0], int(settings.feat_dim),
+                                dtype),
+          "classes": build_class_table(labels)}
+
+
+def objective(logits, labels, mask, hp, *, settings, modules, buffers,
+              batch, rng, **_):
+  """``w_ce·CE + w_feat·CRD`` (mdistiller's CRD has no KD term) and the
+  updated memory; the negatives are drawn from this step's key."""
+  contrast_idx = sample_contrast_indices(
+      rng, batch["index"], labels, buffers["classes"], int(settings.nce_k),
+      settings.mode)
+  ce = losses.cross_entropy(logits.student, labels, mask)
+  crd, memory = crd_loss(
+      logits.student_features.pooled_feat,
+      logits.teacher_features.pooled_feat, buffers["memory"], batch["index"],
+      contrast_idx, embed_s=modules["embed_s"], embed_t=modules["embed_t"],
+      temperature=settings.nce_t, momentum=settings.nce_momentum, mask=mask)
+  return (hp.ce_weight * ce + hp.feat_weight * crd,
+          {"student/ce": ce, "student/crd": crd},
+          {**buffers, "memory": memory})

@@ -122,10 +122,10 @@ def make_modules(name: str, student: nn.Module, teacher: nn.Module,
 
 
 def module_example_inputs(name: str, module_name: str, student: nn.Module,
-                          settings: Any, image_size: int):
+                          teacher: nn.Module, settings: Any, image_size: int):
   """``(args, kwargs)`` that initialise module ``module_name`` of method
   ``name``: zeros of the student's feature shapes for one image."""
-  del module_name  # FitNet and VID own one module each
+  del module_name, teacher  # FitNet and VID own one module each
   shapes = connectors.feature_shapes(student, (image_size, image_size))
   if name == "fitnet":
     return (jnp.zeros(shapes[settings.hint_layer]),), {"train": False}

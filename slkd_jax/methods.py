@@ -21,13 +21,15 @@ can change them (or ``jax.vmap`` over runs) without recompiling.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Any, Callable
 
 import flax
 import jax
 
-from slkd_jax import feature_methods, losses
+from slkd_jax import crd, feature_methods, losses
+from slkd_jax import feature_losses as fl
 
 
 @flax.struct.dataclass
@@ -123,9 +125,17 @@ class Method:
       frozen teacher's :class:`~slkd_jax.state.ModelState` (or None) and
       ``networks`` the run's :class:`~slkd_jax.state.Networks`.
     description: one line for ``--help`` and errors.
-    feature: the feature-based method (:mod:`slkd_jax.feature_methods`):
-      student and teacher then return their feature maps, and its
-      modules, if any, train with the student.
+    feature: the feature-based method (:mod:`slkd_jax.feature_methods`),
+      if the row is one.
+    returns_features: the student and the teacher return their features
+      (:class:`~slkd_jax.models.Outputs`) to the objective.
+    defaults: the method's own recipe settings beyond :data:`LOSS_KEYS`
+      (and its reference CE / feature weights), from its reference code.
+    make_modules: ``f(student, teacher, settings, dtype, image_size) ->
+      {name: module}``: the method's extra trainable modules (connectors,
+      embeddings), trained with the student's optimiser.
+    module_inputs: ``f(name, student, teacher, settings, image_size) ->
+      (args, kwargs)`` that initialise module ``name``.
     build_step: a method whose update is not "one gradient of the summed
       loss" supplies its own pure step builder ``f(config, nets, tx,
       settings) -> step`` with the signature of
@@ -147,6 +157,10 @@ class Method:
   description: str
   sequential: bool = False
   feature: feature_methods.FeatureMethod | None = None
+  returns_features: bool = False
+  defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+  make_modules: Callable[..., dict] | None = None
+  module_inputs: Callable[..., tuple] | None = None
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
   init_buffers: Callable[..., dict[str, jax.Array]] | None = None
@@ -154,7 +168,19 @@ class Method:
   @property
   def features(self) -> bool:
     """Whether the student and the teacher return their feature maps."""
-    return self.feature is not None
+    return self.feature is not None or self.returns_features
+
+
+def _feature_row(f: feature_methods.FeatureMethod) -> Method:
+  """The method-table row of a feature-based method (mdistiller's CE 1,
+  its feature weight and settings; connectors where it has one)."""
+  return Method(
+      f.name, True, False, feature_methods.objective(f), f.description,
+      feature=f, defaults={k: v for k, v in fl.FEATURE_DEFAULTS[f.name].items()
+                           if k != "input_size"},
+      make_modules=functools.partial(feature_methods.make_modules, f.name),
+      module_inputs=functools.partial(feature_methods.module_example_inputs,
+                                      f.name))
 
 
 def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):
@@ -177,9 +203,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("slkd_seq", True, True, _slkd_objective,
            "SLKD*: SL-Ts step first, the student learns from the updated "
            "SL-Ts", sequential=True),
-    *[Method(f.name, True, False, feature_methods.objective(f),
-             f.description, feature=f)
-      for f in feature_methods.FEATURE_METHODS.values()],
+    *[_feature_row(f) for f in feature_methods.FEATURE_METHODS.values()],
+    Method("crd", True, False, crd.objective, "contrastive representation "
+           "distillation (Tian 2020)", returns_features=True,
+           defaults=crd.CRD_DEFAULTS, make_modules=crd.make_modules,
+           module_inputs=crd.module_inputs, init_buffers=crd.init_buffers),
 ]}
 
 

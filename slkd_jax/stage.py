@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from slkd_jax import feature_methods, methods, models, optim
+from slkd_jax import methods, models, optim
 from slkd_jax.methods import HParams
 
 
@@ -141,10 +141,9 @@ def _build_networks(config, method: methods.Method, settings,
              if method.uses_teacher or method.uses_slts else None)
   student = models.create(config.student.arch, n, dtype)
   modules = {}
-  if method.features:
-    modules = feature_methods.make_modules(
-        method.name, student, teacher, settings, dtype,
-        config.data.image_size)
+  if method.make_modules is not None:
+    modules = method.make_modules(student, teacher, settings, dtype,
+                                  config.data.image_size)
   return Networks(
       student=student,
       teacher=teacher if method.uses_teacher else None,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slkd_jax import feature_methods, parallel
+from slkd_jax import parallel
 from slkd_jax.models.layers import param_dtype
 
 PyTree = Any
@@ -107,8 +107,8 @@ def init_stacked_train_state(model: nn.Module, tx: optax.GradientTransformation,
 def _init_module(stage, name: str, key) -> TrainState:
   """A fresh state of the method's module ``name`` (its own initialisers,
   shapes from the student's features)."""
-  args, kwargs = feature_methods.module_example_inputs(
-      stage.method.name, name, stage.nets.student, stage.settings,
+  args, kwargs = stage.method.module_inputs(
+      name, stage.nets.student, stage.nets.teacher, stage.settings,
       stage.image_size)
   variables = stage.nets.modules[name].init(key, *args, **kwargs)
   params = variables["params"]

@@ -322,11 +322,12 @@ def _log_parameter_counts(name: str, state) -> None:
   logging.info("stage %s parameters: %s", name,
                ", ".join(f"{k} {v:,}" for k, v in counts.items()))
   if state.buffers:
-    size = sum(x.nbytes for x in jax.tree.leaves(state.buffers))
-    logging.info("stage %s buffers (not trained, on every device): %s, "
+    leaves = jax.tree_util.tree_leaves_with_path(state.buffers)
+    logging.info("stage %s buffers (not trained, on every device): %s; "
                  "%.1f MiB", name, ", ".join(
-                     f"{k} {tuple(v.shape)}" for k, v in state.buffers.items()),
-                 size / 2**20)
+                     f"{jax.tree_util.keystr(path)} {tuple(x.shape)}"
+                     for path, x in leaves),
+                 sum(x.nbytes for _, x in leaves) / 2**20)
 
 
 def _train_stage(loop: _Loop, state, epoch: int, start_step: int):
