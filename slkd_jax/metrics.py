@@ -536,13 +536,9 @@ def plot_history(history: Sequence[Mapping[str, Any]],
 
   A plot whose keys appear in no entry is skipped (no file written).
   """
-  top1_keys = sorted({k for entry in history for k in entry
-                      if isinstance(k, str) and k.endswith("/top1")},
-                     key=_network_order)
+  top1_keys = [f"{net}/top1" for net in networks(history)]
   kl_keys = [k for k in _TRAJECTORY_LABELS
              if any(entry.get(k) is not None for entry in history)]
-  top1_keys = [k for k in top1_keys
-               if any(entry.get(k) is not None for entry in history)]
   if not top1_keys and not kl_keys:
     return []
 

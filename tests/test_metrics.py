@@ -227,6 +227,10 @@ def test_network_rows_best_and_last_per_network():
       ("slt_1", 42.0, 2, 41.0, 71.0),
       ("slt_fused", 46.0, 3, 46.0, 77.0),
       ("teacher", 75.0, 1, 75.0, 93.0)]
+  # SL-Ts by index (10 after 2), networks without a value left out.
+  assert metrics.networks([{"slt_10/top1": 1.0, "teacher/top1": 2.0,
+                            "slt_2/top1": 3.0, "other/top1": None}]) == [
+                                "slt_2", "slt_10", "teacher"]
   # Chosen networks, in the given order; an absent one is all None.
   picked = metrics.network_rows(_HISTORY, ("teacher", "nope"))
   assert [r["network"] for r in picked] == ["teacher", "nope"]
