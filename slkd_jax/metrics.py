@@ -282,7 +282,10 @@ class ProgressBar:
     self._bar = tqdm.tqdm(
         total=self.total_steps, initial=int(initial_step), desc=desc or None,
         unit="step", file=self.stream if self._tty else _Discard(),
-        mininterval=min_interval, smoothing=smoothing, dynamic_ncols=True,
+        # tqdm measures the rate when it redraws: off a TTY, where drawing
+        # costs nothing, at every update.
+        mininterval=min_interval if self._tty else 0.0, miniters=1,
+        smoothing=smoothing, dynamic_ncols=True,
         bar_format=None if self._tty else plain)
     self._next_decile = self._decile(int(initial_step)) + 1
     self._printed_step: int | None = None
