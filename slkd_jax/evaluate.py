@@ -50,11 +50,11 @@ def _stage_config(stage_dir: str):
 
 
 def _rows(stage: str, which: str, epoch, result: dict) -> list[dict]:
-  nets = sorted({k.split("/")[0] for k in result if k.endswith("/top1")},
-                key=lambda n: (n != "student", n != "teacher", n))
+  from slkd_jax import metrics
   return [{"stage": stage, "checkpoint": which, "epoch": epoch,
-           "network": net, "top-1": result[f"{net}/top1"],
-           "top-5": result[f"{net}/top5"]} for net in nets]
+           "network": row["network"], "top-1": row["last top-1"],
+           "top-5": row["last top-5"]}
+          for row in metrics.network_rows([result])]
 
 
 def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:

@@ -1,35 +1,36 @@
-"""Training reporting with side effects: logs, TensorBoard, progress, plots.
+"""Reporting: JSONL logs, TensorBoard, progress, tables, plots.
 
-Used by the outer training loop only (never inside ``jit``). The module
-imports nothing but numpy and the standard library, so it works on the GPU
-image, which has neither TensorFlow nor TensorBoard: TensorBoard event files
-are hand-encoded (protobuf + TFRecord framing + CRC32C) below. matplotlib is
-imported lazily inside :func:`plot_history`.
+Used by the outer training loop, ``evaluate`` and ``report`` (never inside
+``jit``). Importing it loads numpy and tqdm only: tensorboardX (which pulls
+in torch when installed) is imported when a :class:`MetricWriter` is
+enabled, matplotlib inside :func:`plot_history`.
 
 Contents:
 
 * :class:`JsonlWriter` -- one JSON object per line, appended (resumable).
-* :class:`TensorBoardWriter` -- scalar event files without TensorFlow.
-* :class:`MetricWriter` -- both of the above; a no-op on non-zero processes.
-* :class:`ProgressBar` -- one-line progress with images/s and ETA.
-* :func:`best_and_last`, :func:`mean_std`, :func:`summary_table` -- the
-  final report (best-epoch and last-epoch accuracy, mean ± std over seeds).
+* :class:`MetricWriter` -- JSONL plus TensorBoard event files
+  (``tensorboardX``); a no-op on non-zero processes.
+* :class:`ProgressBar` -- ``tqdm`` progress with images/s and ETA; plain
+  lines every 10% when not on a terminal.
+* :func:`best_and_last`, :func:`network_rows`, :func:`stage_row`,
+  :func:`mean_std`, :func:`summary_table` -- the tables of training,
+  ``evaluate`` and ``report`` (best-epoch and last-epoch accuracy, mean ± std
+  over seeds).
 * :func:`plot_history` -- accuracy curves and the paper's Figure 2
   learning trajectories as PNG files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import socket
-import struct
 import sys
-import time
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
+import tqdm
 
 # --------------------------------------------------------------------------
 # Value conversion
@@ -156,216 +157,70 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
 
 
 # --------------------------------------------------------------------------
-# TensorBoard event files, hand-encoded
+# TensorBoard
 
 
-def _make_crc32c_table() -> list[int]:
-  # Castagnoli polynomial, reflected (LSB-first) form, as TFRecord uses.
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of ``data``; ``crc32c(b"123456789") == 0xE3069283``."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """The TFRecord checksum: CRC-32C rotated right by 15 bits plus a constant.
-
-  Masking keeps the CRC of data that itself contains CRCs well distributed.
-  """
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(data: bytes) -> bytes:
-  """Frames one record: length, CRC of length, data, CRC of data."""
-  length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", masked_crc32c(length)) + data +
-          struct.pack("<I", masked_crc32c(data)))
-
-
-# Protobuf wire types.
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-  # int64 fields encode negatives as their 64-bit two's complement.
-  value &= 0xFFFFFFFFFFFFFFFF
-  out = bytearray()
-  while True:
-    bits = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(bits | 0x80)
-    else:
-      out.append(bits)
-      return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint((field << 3) | wire_type)
-
-
-def _field_double(field: int, value: float) -> bytes:
-  return _key(field, _FIXED64) + struct.pack("<d", value)
-
-
-def _field_float(field: int, value: float) -> bytes:
-  # Through numpy so that values beyond float32 range become inf rather
-  # than raising as struct.pack('<f') does.
-  return _key(field, _FIXED32) + np.float32(value).astype("<f4").tobytes()
-
-
-def _field_int(field: int, value: int) -> bytes:
-  return _key(field, _VARINT) + _varint(int(value))
-
-
-def _field_bytes(field: int, value: bytes) -> bytes:
-  return _key(field, _LENGTH_DELIMITED) + _varint(len(value)) + value
-
-
-def _file_version_event(wall_time: float) -> bytes:
-  # Event{wall_time=1, file_version=3}
-  return _field_double(1, wall_time) + _field_bytes(3, b"brain.Event:2")
-
-
-def _scalar_event(wall_time: float, step: int,
-                  values: Sequence[tuple[str, float]]) -> bytes:
-  # Event{wall_time=1, step=2, summary=5: Summary{value=1: Value{tag=1,
-  # simple_value=2}}}
-  summary = b"".join(
-      _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) +
-                   _field_float(2, value))
-      for tag, value in values)
-  return (_field_double(1, wall_time) + _field_int(2, step) +
-          _field_bytes(5, summary))
-
-
-class TensorBoardWriter:
-  """Writes scalar summaries as a TensorBoard event file, without TensorFlow.
-
-  The file is ``<logdir>/events.out.tfevents.<int(time)>.<hostname>``; when
-  that name is taken (two writers in the same second), ``.1``, ``.2``, ... is
-  appended: TensorBoard reads every file whose name contains ``tfevents``.
-  Each writer starts a new file, so a resumed run adds a file next to the old
-  ones and TensorBoard merges them by step.
-  """
-
-  def __init__(self, logdir: str | os.PathLike):
-    """Creates ``logdir`` and a new event file holding the version record."""
-    self.logdir = os.fspath(logdir)
-    os.makedirs(self.logdir, exist_ok=True)
-    base = os.path.join(
-        self.logdir,
-        f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-    path, suffix = base, 0
-    while True:
-      try:
-        # 'xb' so two writers never interleave records in one file.
-        self._file = open(path, "xb")
-        break
-      except FileExistsError:
-        suffix += 1
-        path = f"{base}.{suffix}"
-    self.path = path
-    self._closed = False
-    self._file.write(tfrecord_frame(_file_version_event(time.time())))
-    self._file.flush()
-
-  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
-    """Writes one event at ``step`` with a ``simple_value`` per numeric entry.
-
-    Entries that are not numeric scalars (strings, arrays) are skipped.
-    Values are stored as float32, as TensorBoard does.
-    """
-    if self._closed:
-      raise ValueError(f"TensorBoardWriter({self.logdir!r}) is closed")
-    pairs = []
-    for tag, value in values.items():
-      scalar = _to_scalar(value)
-      if scalar is not None:
-        pairs.append((str(tag), scalar))
-    if not pairs:
-      return
-    self._file.write(tfrecord_frame(_scalar_event(time.time(), step, pairs)))
-
-  def flush(self) -> None:
-    """Pushes buffered records to the OS so TensorBoard sees them."""
-    if not self._closed:
-      self._file.flush()
-
-  def close(self) -> None:
-    """Flushes and closes the file; further closes are no-ops."""
-    if not self._closed:
-      self._file.close()
-      self._closed = True
-
-  def __enter__(self) -> "TensorBoardWriter":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-# --------------------------------------------------------------------------
-# Combined writer
+# Distinguishes the event files of writers opened in the same second by the
+# same process; tensorboardX names files by second and host and would
+# overwrite the first.
+_WRITER_COUNT = itertools.count()
 
 
 class MetricWriter:
-  """JSONL (``<workdir>/metrics.jsonl``) plus TensorBoard (``<workdir>/tensorboard``).
+  """JSONL (``<workdir>/metrics.jsonl``) plus TensorBoard event files
+  (``<workdir>/tensorboard/``).
 
-  With ``enabled=False`` (every process but process 0 of a multi-host run)
-  each call is a no-op and nothing is created on disk, so the caller needs no
-  ``if process_index == 0`` around its logging.
+  The event files are written by ``tensorboardX.SummaryWriter`` (no
+  TensorFlow needed), imported only when a writer is enabled. Each writer
+  starts a new file, so a resumed run adds a file next to the old ones and
+  TensorBoard merges them by step. With ``enabled=False`` (every process but
+  process 0 of a multi-host run) each call is a no-op and nothing is created
+  on disk, so the caller needs no ``if process_index == 0`` around its
+  logging.
   """
 
-  def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
-    """Opens both writers under ``workdir`` when ``enabled``."""
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               flush_secs: float = 10.0):
+    """Opens both writers under ``workdir`` when ``enabled``; TensorBoard
+    sees new scalars within ``flush_secs`` (written by a background thread)."""
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._jsonl: JsonlWriter | None = None
-    self._tb: TensorBoardWriter | None = None
+    self._tb = None
     if enabled:
+      from tensorboardX import SummaryWriter
       os.makedirs(self.workdir, exist_ok=True)
       self._jsonl = JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"))
-      self._tb = TensorBoardWriter(os.path.join(self.workdir, "tensorboard"))
+      self._tb = SummaryWriter(
+          os.path.join(self.workdir, "tensorboard"), flush_secs=flush_secs,
+          filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}")
 
   def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "",
             **extra_fields: Any) -> None:
     """Logs ``scalars`` at ``step`` under keys/tags ``prefix + key``.
 
     ``extra_fields`` (e.g. ``epoch=3, stage="slkd"``) go to the JSONL line
-    only; TensorBoard gets the numeric scalars. The TensorBoard file is
-    flushed each call: the loop writes a few times per epoch, not per step.
+    only; TensorBoard gets the numeric scalars (as float32), others are
+    skipped.
     """
     if not self.enabled or self._jsonl is None:
       return
     named = {f"{prefix}{key}": value for key, value in scalars.items()}
     self._jsonl.write(step, named, **extra_fields)
-    self._tb.scalars(step, named)
-    self._tb.flush()
+    for tag, value in named.items():
+      scalar = _to_scalar(value)
+      if scalar is not None:
+        self._tb.add_scalar(tag, scalar, int(step))
 
   def flush(self) -> None:
-    """Flushes the TensorBoard file (JSONL lines are flushed as written)."""
+    """Flushes what the TensorBoard thread has written (JSONL lines are
+    flushed as written; :meth:`close` writes out every pending event)."""
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    """Closes both writers; further closes are no-ops."""
+    """Writes out every pending event and closes both writers; further
+    closes are no-ops."""
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
@@ -381,71 +236,62 @@ class MetricWriter:
 
 
 # --------------------------------------------------------------------------
-# Progress bar
+# Progress
 
 
-def _format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds) or seconds < 0:
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+class _Discard:
+  """A text sink: tqdm keeps counting and timing, nothing is drawn."""
 
+  def write(self, text: str) -> int:
+    return len(text)
 
-def _format_value(value: Any) -> str:
-  try:
-    return f"{float(value):.4g}"
-  except (TypeError, ValueError):
-    return str(value)
+  def flush(self) -> None:
+    pass
 
 
 class ProgressBar:
-  """A dependency-free one-line progress display.
+  """Training progress through ``tqdm``: ``desc: step/total percent
+  [elapsed<ETA, steps/s, images/s=..., values]``.
 
-  Shows ``desc step/total percent | images/s | elapsed | ETA | values``. On a
-  TTY the line is rewritten in place with ``\\r`` (at most every
-  ``min_interval`` seconds); otherwise (log files, CI) a plain line is
-  printed each time another 10% of the steps is done, so logs stay short.
-
-  Throughput is an exponential moving average of per-update rates, so the
-  first interval (which includes XLA compilation) fades out quickly.
+  On a TTY tqdm redraws the line in place (at most every ``min_interval``
+  seconds). Elsewhere (log files, CI, SLURM) tqdm draws nothing and a plain
+  line is printed each time another 10% of the steps is done, so logs stay
+  short and free of carriage returns. Rates are tqdm's moving averages
+  (``smoothing``), so the first interval (XLA compilation) fades out.
   """
 
   def __init__(self, total_steps: int, desc: str = "", enabled: bool = True,
                stream: TextIO | None = None, *, initial_step: int = 0,
                min_interval: float = 0.1, smoothing: float = 0.3):
-    """``initial_step`` is where a resumed run starts counting from."""
+    """``initial_step`` is where a resumed run starts counting from;
+    ``enabled=False`` (non-main processes) shows nothing."""
     self.total_steps = int(total_steps)
-    self.desc = desc
-    self.enabled = enabled
-    # Default looked up here, not in the signature, so a sys.stderr
-    # replaced after import (pytest capture, redirection) is honoured.
+    # Looked up here, not in the signature, so a sys.stderr replaced after
+    # import (pytest capture, redirection) is honoured.
     self.stream = sys.stderr if stream is None else stream
     try:
       self._tty = bool(self.stream.isatty())
     except (AttributeError, ValueError):
       self._tty = False
-    self._min_interval = min_interval
-    self._smoothing = smoothing
-    self._start = self._last_time = time.monotonic()
-    self._initial_step = self._last_step = self._step = int(initial_step)
-    self._steps_per_s: float | None = None
-    self._images_per_s: float | None = None
-    self._values: dict[str, Any] = {}
-    self._last_draw = -math.inf
-    self._line_len = 0
-    self._next_decile = self._decile(self._step) + 1
+    self._bar = None
+    if not enabled:
+      return
+    plain = (f"{desc}: " if desc else "") + (
+        "{n_fmt}/{total_fmt} {percentage:3.0f}% "
+        "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    self._bar = tqdm.tqdm(
+        total=self.total_steps, initial=int(initial_step), desc=desc or None,
+        unit="step", file=self.stream if self._tty else _Discard(),
+        # tqdm measures the rate when it redraws: off a TTY, where drawing
+        # costs nothing, at every update.
+        mininterval=min_interval if self._tty else 0.0, miniters=1,
+        smoothing=smoothing, dynamic_ncols=True,
+        bar_format=None if self._tty else plain)
+    self._next_decile = self._decile(int(initial_step)) + 1
     self._printed_step: int | None = None
-    self._closed = False
 
   def _decile(self, step: int) -> int:
-    if self.total_steps <= 0:
-      return 10
-    return int(10 * step / self.total_steps)
-
-  def _ema(self, old: float | None, new: float) -> float:
-    return new if old is None else self._smoothing * new + (1 - self._smoothing) * old
+    return int(10 * step / self.total_steps) if self.total_steps > 0 else 10
 
   def update(self, step: int, images_per_step: int = 0, **values: Any) -> None:
     """Reports that ``step`` steps are done, each of ``images_per_step``.
@@ -453,71 +299,44 @@ class ProgressBar:
     ``values`` (e.g. ``loss=..., ce=...``) are shown as ``key=value``; pass
     host floats (a device array here forces a device sync).
     """
-    if not self.enabled or self._closed:
+    if self._bar is None:
       return
-    now = time.monotonic()
-    done = int(step) - self._last_step
-    elapsed = now - self._last_time
-    if done > 0 and elapsed > 0:
-      self._steps_per_s = self._ema(self._steps_per_s, done / elapsed)
-      self._images_per_s = self._ema(self._images_per_s,
-                                     done * images_per_step / elapsed)
-      self._last_time, self._last_step = now, int(step)
-    self._step = int(step)
-    if values:
-      self._values = values
-    finished = self._step >= self.total_steps
-    if self._tty:
-      if finished or now - self._last_draw >= self._min_interval:
-        self._draw(now)
-    elif self._decile(self._step) >= self._next_decile or finished:
-      self._next_decile = self._decile(self._step) + 1
-      if self._printed_step != self._step:
-        self._draw(now)
+    values = {k: _to_python(v) for k, v in values.items()}
+    self._set_postfix(images_per_step, values)
+    self._bar.update(int(step) - self._bar.n)
+    # Again with the rate this update measured (a TTY redraw above showed
+    # the previous one).
+    self._set_postfix(images_per_step, values)
+    if not self._tty and (self._decile(self._bar.n) >= self._next_decile or
+                          self._bar.n >= self.total_steps):
+      self._next_decile = self._decile(self._bar.n) + 1
+      self._print_line()
 
-  def line(self, now: float | None = None) -> str:
-    """The current progress line (without ``\\r`` or newline)."""
-    now = time.monotonic() if now is None else now
-    total = max(self.total_steps, 0)
-    pct = 100.0 * self._step / total if total else 100.0
-    parts = [f"{self.desc} {self._step}/{total} {pct:5.1f}%".strip()]
-    ips = self._images_per_s
-    parts.append(f"{ips:,.1f} images/s" if ips is not None else "? images/s")
-    parts.append(f"elapsed {_format_duration(now - self._start)}")
-    if self._steps_per_s:
-      eta = max(total - self._step, 0) / self._steps_per_s
-    else:
-      eta = math.inf
-    parts.append(f"ETA {_format_duration(eta)}")
-    if self._values:
-      parts.append(" ".join(f"{k}={_format_value(v)}"
-                            for k, v in self._values.items()))
-    return " | ".join(parts)
+  def _set_postfix(self, images_per_step: int, values: dict) -> None:
+    """Shows images/s (tqdm's smoothed steps/s times ``images_per_step``;
+    its overall average before the first) and ``values``."""
+    info = self._bar.format_dict
+    steps_per_s = info["rate"] or (
+        (info["n"] - info["initial"]) / info["elapsed"]
+        if info["elapsed"] > 0 else 0.0)
+    if steps_per_s * images_per_step > 0:
+      values = {"images/s": f"{steps_per_s * images_per_step:,.0f}", **values}
+    self._bar.set_postfix(values, refresh=False)
 
-  def _draw(self, now: float) -> None:
-    text = self.line(now)
-    if self._tty:
-      # Pad with spaces to erase the tail of a longer previous line.
-      pad = max(self._line_len - len(text), 0)
-      self.stream.write("\r" + text + " " * pad)
-      self._line_len = len(text)
-    else:
-      self.stream.write(text + "\n")
-    self.stream.flush()
-    self._last_draw = now
-    self._printed_step = self._step
+  def _print_line(self) -> None:
+    if self._printed_step != self._bar.n:
+      self.stream.write(str(self._bar) + "\n")
+      self.stream.flush()
+      self._printed_step = self._bar.n
 
   def close(self) -> None:
-    """Draws the final state and ends the line; further closes are no-ops."""
-    if not self.enabled or self._closed:
+    """Shows the final state and ends the line; further closes are no-ops."""
+    if self._bar is None:
       return
-    now = time.monotonic()
-    if self._printed_step != self._step or self._tty:
-      self._draw(now)
-    if self._tty:
-      self.stream.write("\n")
-      self.stream.flush()
-    self._closed = True
+    if not self._tty:
+      self._print_line()
+    self._bar.close()
+    self._bar = None
 
   def __enter__(self) -> "ProgressBar":
     return self
@@ -562,6 +381,68 @@ def best_and_last(history: Sequence[Mapping[str, Any]], key: str,
     if better:
       best, best_epoch = value, entry.get("epoch", index + 1)
   return best, best_epoch, last
+
+
+def _network_order(name: str) -> tuple:
+  # student first, then SL-Ts by index, fused, teacher, anything else.
+  if name == "student":
+    return (0, 0, name)
+  if name.startswith("slt_") and name[4:].isdigit():
+    return (1, int(name[4:]), name)
+  if name == "slt_fused":
+    return (2, 0, name)
+  if name == "teacher":
+    return (3, 0, name)
+  return (4, 0, name)
+
+
+def networks(history: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The networks with a ``<net>/top1`` value in ``history``: the student,
+  the SL-Ts by index, the fused SL-T, the teacher, then any others."""
+  names = {k.rsplit("/", 1)[0] for entry in history for k, v in entry.items()
+           if isinstance(k, str) and k.endswith("/top1") and v is not None}
+  return sorted(names, key=_network_order)
+
+
+NETWORK_COLUMNS = ("network", "best top-1", "best epoch", "last top-1",
+                   "last top-5")
+
+
+def network_rows(history: Sequence[Mapping[str, Any]],
+                 names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """One row of :data:`NETWORK_COLUMNS` per network of a per-epoch eval
+  history (entries ``{"epoch", "<net>/top1", "<net>/top5", ...}``).
+
+  ``names`` picks the networks and their order (default :func:`networks`);
+  a network absent from ``history`` gets ``None`` cells (printed ``-``).
+  A history of one record (a single evaluation) gives that record's numbers
+  as both best and last.
+  """
+  rows = []
+  for net in networks(history) if names is None else names:
+    best, best_epoch, last = best_and_last(history, f"{net}/top1")
+    rows.append({"network": net, "best top-1": best, "best epoch": best_epoch,
+                 "last top-1": last,
+                 "last top-5": best_and_last(history, f"{net}/top5")[2]})
+  return rows
+
+
+STAGE_COLUMNS = ("best top-1", "best epoch", "last top-1", "fused SL-T best",
+                 "teacher top-1")
+
+
+def stage_row(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The headline numbers of one stage (:data:`STAGE_COLUMNS`): best top-1
+  (and its epoch) and last top-1 of its trained network (``student``), the
+  fused SL-T's best and the frozen teacher's top-1 (its last; ``None`` where
+  the stage has no such network)."""
+  student, fused, teacher = network_rows(
+      history, ("student", "slt_fused", "teacher"))
+  return {"best top-1": student["best top-1"],
+          "best epoch": student["best epoch"],
+          "last top-1": student["last top-1"],
+          "fused SL-T best": fused["best top-1"],
+          "teacher top-1": teacher["last top-1"]}
 
 
 def mean_std(values: Iterable[Any], fmt: str = "{:.2f}", ddof: int = 1) -> str:
@@ -628,20 +509,6 @@ def summary_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 # Plots
 
 
-def _network_order(key: str) -> tuple:
-  # student first, then SL-Ts by index, fused, teacher, anything else.
-  name = key.rsplit("/", 1)[0]
-  if name == "student":
-    return (0, 0, name)
-  if name.startswith("slt_") and name[4:].isdigit():
-    return (1, int(name[4:]), name)
-  if name == "slt_fused":
-    return (2, 0, name)
-  if name == "teacher":
-    return (3, 0, name)
-  return (4, 0, name)
-
-
 def _series(history: Sequence[Mapping[str, Any]], key: str
             ) -> tuple[list[float], list[float]]:
   xs, ys = [], []
@@ -672,13 +539,9 @@ def plot_history(history: Sequence[Mapping[str, Any]],
 
   A plot whose keys appear in no entry is skipped (no file written).
   """
-  top1_keys = sorted({k for entry in history for k in entry
-                      if isinstance(k, str) and k.endswith("/top1")},
-                     key=_network_order)
+  top1_keys = [f"{net}/top1" for net in networks(history)]
   kl_keys = [k for k in _TRAJECTORY_LABELS
              if any(entry.get(k) is not None for entry in history)]
-  top1_keys = [k for k in top1_keys
-               if any(entry.get(k) is not None for entry in history)]
   if not top1_keys and not kl_keys:
     return []
 

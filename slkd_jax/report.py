@@ -218,6 +218,12 @@ def _values_by_workdir(runs: Sequence[StageRun], key: str) -> str:
   return " vs ".join(f"{v}: {', '.join(w)}" for v, w in groups.items())
 
 
+# The columns of metrics.stage_row averaged over seeds (its best epoch is
+# not: it differs from seed to seed).
+AVERAGED = ("best top-1", "last top-1", "fused SL-T best", "teacher top-1")
+COLUMNS = ["stage", "runs", "seeds", *AVERAGED]
+
+
 def aggregate(runs: Sequence[StageRun]) -> list[dict]:
   """One row per stage: mean ± std over the finished ``runs`` of best/last
   top-1 (unfinished runs are skipped)."""
@@ -227,15 +233,11 @@ def aggregate(runs: Sequence[StageRun]) -> list[dict]:
       per_stage.setdefault(run.stage, []).append(run)
   rows = []
   for stage, group in per_stage.items():
-    histories = [r.result for r in group]
+    picks = [metrics.stage_row(r.result) for r in group]
     row = {"stage": stage, "runs": len(group),
            "seeds": ",".join(str(r.config.get("seed")) for r in group)}
-    for label, key, pick in (("best top-1", "student/top1", 0),
-                             ("last top-1", "student/top1", 2),
-                             ("fused SL-T best", "slt_fused/top1", 0),
-                             ("teacher top-1", "teacher/top1", 2)):
-      row[label] = metrics.mean_std(
-          metrics.best_and_last(h, key)[pick] for h in histories)
+    for label in AVERAGED:
+      row[label] = metrics.mean_std(p[label] for p in picks)
     rows.append(row)
   return rows
 
@@ -271,10 +273,6 @@ def unfinished_lines(runs: Sequence[StageRun]) -> list[str]:
     lines.append(f"  [unfinished] {run.workdir} {run.stage}: "
                  f"epoch {run.last_epoch}/{target}")
   return lines
-
-
-COLUMNS = ["stage", "runs", "seeds", "best top-1", "last top-1",
-           "fused SL-T best", "teacher top-1"]
 
 
 def main(argv: list[str] | None = None) -> int:

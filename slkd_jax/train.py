@@ -368,29 +368,10 @@ def _eval_line(record: dict[str, Any]) -> str:
   return ", ".join(f"{k.split('/')[0]} {record[k]:.2f}%" for k in keys)
 
 
-NETWORK_ORDER = ("student", "slt_fused", "teacher")
-
-
-def network_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per network: best top-1 (and its epoch), last top-1 and top-5."""
-  names = sorted({k.split("/")[0] for h in history for k in h
-                  if k.endswith("/top1")},
-                 key=lambda n: (NETWORK_ORDER.index(n)
-                                if n in NETWORK_ORDER else 1.5, n))
-  rows = []
-  for net in names:
-    best, best_epoch, last = metrics.best_and_last(history, f"{net}/top1")
-    _, _, last5 = metrics.best_and_last(history, f"{net}/top5")
-    rows.append({"network": net, "best top-1": best, "best epoch": best_epoch,
-                 "last top-1": last, "last top-5": last5})
-  return rows
-
-
 def _write_stage_summary(stage_dir: str, name: str,
                          history: list[dict[str, Any]]) -> None:
-  table = metrics.summary_table(network_rows(history),
-                                ["network", "best top-1", "best epoch",
-                                 "last top-1", "last top-5"])
+  table = metrics.summary_table(metrics.network_rows(history),
+                                metrics.NETWORK_COLUMNS)
   with open(os.path.join(stage_dir, "summary.md"), "w") as f:
     f.write(f"# stage {name}\n\n{table}\n")
 
@@ -511,17 +492,8 @@ def _write_run_config(config, workdir: str) -> None:
 def comparison_table(results: dict[str, StageResult]) -> str:
   """Best/last top-1 of each stage's trained network (the student, or the
   teacher for the teacher stage), plus the SL-T fusion where present."""
-  rows = []
-  for name, result in results.items():
-    best, best_epoch, last = metrics.best_and_last(result.history,
-                                                   "student/top1")
-    fused = metrics.best_and_last(result.history, "slt_fused/top1")[0]
-    teacher = metrics.best_and_last(result.history, "teacher/top1")[2]
-    rows.append({"stage": name, "method": result.method,
-                 "best top-1": best, "best epoch": best_epoch,
-                 "last top-1": last,
-                 "fused SL-T top-1": fused if fused is not None else "-",
-                 "teacher top-1": teacher if teacher is not None else "-"})
-  return metrics.summary_table(rows, ["stage", "method", "best top-1",
-                                      "best epoch", "last top-1",
-                                      "fused SL-T top-1", "teacher top-1"])
+  rows = [{"stage": name, "method": result.method,
+           **metrics.stage_row(result.history)}
+          for name, result in results.items()]
+  return metrics.summary_table(rows, ["stage", "method",
+                                      *metrics.STAGE_COLUMNS])

@@ -1,4 +1,4 @@
-"""Tests for slkd_jax.metrics: JSONL, TensorBoard encoding, progress, report."""
+"""Tests for slkd_jax.metrics: JSONL, TensorBoard files, progress, tables."""
 
 import io
 import json
@@ -15,17 +15,14 @@ from slkd_jax import metrics
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_import_pulls_in_neither_jax_nor_tensorflow():
+def test_import_is_light():
   # A fresh interpreter: conftest has already imported jax in this one.
+  # report.py imports metrics; tensorboardX (and the torch it pulls in) is
+  # loaded only by an enabled MetricWriter.
   code = ("import sys, slkd_jax.metrics; "
-          "bad = [m for m in ('jax', 'tensorflow', 'matplotlib') "
-          "if m in sys.modules]; assert not bad, bad")
+          "bad = [m for m in ('jax', 'tensorflow', 'matplotlib', "
+          "'tensorboardX', 'torch') if m in sys.modules]; assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_crc32c_check_value():
-  assert metrics.crc32c(b"123456789") == 0xE3069283
-  assert metrics.crc32c(b"") == 0
 
 
 def test_jsonl_round_trip_and_append_on_reopen(tmp_path):
@@ -46,64 +43,89 @@ def test_jsonl_round_trip_and_append_on_reopen(tmp_path):
                                          "stage": "slkd", "loss": 0.25}
 
 
-def _read_records(path):
-  """Parses TFRecord framing in pure Python, checking both CRCs."""
+def _crc32c(data):
+  # CRC-32C (Castagnoli, reflected), bit by bit: the test's own, so the
+  # writer's checksums are checked against an independent implementation.
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc):
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_crc32c_check_value():
+  assert _crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+def _read_events(path):
+  """The Events of a TFRecord event file, both CRCs of each record checked.
+
+  (Neither TensorBoard nor a TFRecord reader is installed without
+  TensorFlow; tensorboardX's protobuf classes parse the records.)
+  """
+  from tensorboardX.proto import event_pb2
   data = open(path, "rb").read()
-  records, pos = [], 0
+  events, pos = [], 0
   while pos < len(data):
     header = data[pos:pos + 8]
     (length,) = struct.unpack("<Q", header)
     (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    assert length_crc == metrics.masked_crc32c(header)
+    assert length_crc == _masked(_crc32c(header))
     body = data[pos + 12:pos + 12 + length]
     (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-    assert body_crc == metrics.masked_crc32c(body)
-    records.append(body)
+    assert body_crc == _masked(_crc32c(body))
+    events.append(event_pb2.Event.FromString(body))
     pos += 16 + length
-  return records
+  return events
 
 
-def test_tensorboard_framing_without_tensorflow(tmp_path):
-  with metrics.TensorBoardWriter(tmp_path) as w:
-    w.scalars(3, {"a": 1.0})
-  (name,) = os.listdir(tmp_path)
-  assert name.startswith("events.out.tfevents.")
-  records = _read_records(tmp_path / name)
-  assert len(records) == 2
-  assert b"brain.Event:2" in records[0]
+def _scalars(events):
+  """``{(tag, step): value}`` of the scalar summaries in ``events``."""
+  return {(v.tag, e.step): v.simple_value
+          for e in events for v in e.summary.value}
 
 
-def test_tensorboard_read_back_with_tensorflow(tmp_path):
-  tf = pytest.importorskip("tensorflow")
-  values = {0: {"train/loss": 2.5, "train/lr": np.float32(0.05)},
-            7: {"eval/student/top1": 71.3, "eval/ce": np.float64(1.1)},
+def test_metric_writer_tensorboard_read_back(tmp_path):
+  values = {0: {"loss": 2.5, "lr": np.float32(0.05)},
+            7: {"student/top1": 71.3, "ce": np.float64(1.1), "n": np.int64(3)},
             1 << 40: {"big": 1e-3, "neg": -4.0}}
-  w = metrics.TensorBoardWriter(tmp_path)
-  for step, scalars in values.items():
-    w.scalars(step, dict(scalars, note="text is skipped"))
-  w.close()
-  (name,) = os.listdir(tmp_path)
-  events = list(tf.compat.v1.train.summary_iterator(str(tmp_path / name)))
+  with metrics.MetricWriter(tmp_path) as w:
+    for step, scalars in values.items():
+      w.write(step, dict(scalars, note="text is skipped"), prefix="eval/",
+              epoch=1, stage="kd")
+  (name,) = os.listdir(tmp_path / "tensorboard")
+  assert name.startswith("events.out.tfevents.")
+  events = _read_events(tmp_path / "tensorboard" / name)
   assert events[0].file_version == "brain.Event:2"
   assert events[0].wall_time > 0
-  got = {e.step: {v.tag: v.simple_value for v in e.summary.value}
-         for e in events[1:]}
-  want = {s: {k: float(np.float32(v)) for k, v in d.items()}
-          for s, d in values.items()}
-  assert got == want
+  # float32, as TensorBoard stores scalars; no epoch/stage/text tags.
+  assert _scalars(events) == {
+      (f"eval/{k}", s): float(np.float32(v))
+      for s, d in values.items() for k, v in d.items()}
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[0]) == {
+      "step": 0, "epoch": 1, "stage": "kd", "eval/loss": 2.5,
+      "eval/lr": float(np.float32(0.05)), "eval/note": "text is skipped"}
 
 
-def test_metric_writer(tmp_path):
-  with metrics.MetricWriter(tmp_path) as w:
-    w.write(10, {"top1": 50.0}, prefix="eval/", epoch=1, stage="kd")
-  (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert json.loads(line) == {"step": 10, "epoch": 1, "stage": "kd",
-                              "eval/top1": 50.0}
-  (name,) = os.listdir(tmp_path / "tensorboard")
-  records = _read_records(tmp_path / "tensorboard" / name)
-  assert len(records) == 2 and b"eval/top1" in records[1]
-  # TensorBoard gets no epoch/stage fields.
-  assert b"stage" not in records[1]
+def test_each_writer_adds_its_own_event_file(tmp_path):
+  # A resumed run opens a second writer on the same directory, possibly in
+  # the same second: neither file may overwrite the other.
+  for step in (1, 2):
+    with metrics.MetricWriter(tmp_path) as w:
+      w.write(step, {"loss": float(step)}, prefix="train/")
+  names = sorted(os.listdir(tmp_path / "tensorboard"))
+  assert len(names) == 2
+  merged = {}
+  for name in names:
+    merged.update(_scalars(_read_events(tmp_path / "tensorboard" / name)))
+  assert merged == {("train/loss", 1): 1.0, ("train/loss", 2): 2.0}
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_metric_writer_disabled_writes_nothing(tmp_path):
@@ -125,10 +147,22 @@ def test_progress_bar_non_tty():
   # One plain line per 10%, no carriage returns in a log file.
   assert len(lines) == 10
   assert "\r" not in stream.getvalue()
+  assert lines[0].startswith("epoch 1: 10/100  10% [")
   last = lines[-1]
-  assert "epoch 1 100/100 100.0%" in last
-  assert "images/s" in last and "ETA" in last and "elapsed" in last
-  assert "loss=0.01" in last and "ce=0.5" in last
+  assert last.startswith("epoch 1: 100/100 100% [")
+  assert "<00:00" in last and "step/s" in last  # elapsed<ETA, rate
+  assert "images/s=" in last and "loss=0.01" in last and "ce=0.5" in last
+
+
+def test_progress_bar_resumed_counts_from_initial_step():
+  stream = io.StringIO()
+  bar = metrics.ProgressBar(100, desc="slkd", stream=stream, initial_step=50)
+  for step in range(55, 101, 5):  # updates every 5 steps, as log_every does
+    bar.update(step, images_per_step=8)
+  bar.close()
+  lines = stream.getvalue().splitlines()
+  assert [line.split()[1] for line in lines] == [
+      "60/100", "70/100", "80/100", "90/100", "100/100"]
 
 
 def test_progress_bar_tty_and_disabled():
@@ -139,10 +173,12 @@ def test_progress_bar_tty_and_disabled():
   stream = Tty()
   bar = metrics.ProgressBar(4, stream=stream, min_interval=0.0)
   for step in range(1, 5):
-    bar.update(step, 8)
+    bar.update(step, 8, loss=0.25)
   bar.close()
   out = stream.getvalue()
+  # Redrawn in place, one final newline.
   assert out.startswith("\r") and out.endswith("\n") and out.count("\n") == 1
+  assert "4/4" in out.rsplit("\r", 1)[1] and "loss=0.25" in out
 
   quiet = io.StringIO()
   bar = metrics.ProgressBar(4, stream=quiet, enabled=False)
@@ -164,6 +200,64 @@ def test_mean_std():
   assert metrics.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"  # ddof=1
   assert metrics.mean_std([70.0]) == "70.00"
   assert metrics.mean_std([]) == "-"
+
+
+# Every network a stage evaluates, in the canonical order.
+_HISTORY = [
+    {"epoch": 1, "teacher/top1": 75.0, "teacher/top5": 93.0,
+     "slt_1/top1": 40.0, "slt_1/top5": 70.0, "slt_0/top1": 41.0,
+     "slt_0/top5": 71.0, "slt_fused/top1": 45.0, "slt_fused/top5": 75.0,
+     "student/top1": 50.0, "student/top5": 80.0, "eval_examples": 20},
+    {"epoch": 2, "teacher/top1": 75.0, "teacher/top5": 93.0,
+     "slt_1/top1": 42.0, "slt_1/top5": 72.0, "slt_0/top1": 39.0,
+     "slt_0/top5": 69.0, "slt_fused/top1": 44.0, "slt_fused/top5": 76.0,
+     "student/top1": 55.0, "student/top5": 85.0},
+    {"epoch": 3, "teacher/top1": 75.0, "teacher/top5": 93.0,
+     "slt_1/top1": 41.0, "slt_1/top5": 71.0, "slt_0/top1": 40.0,
+     "slt_0/top5": 70.0, "slt_fused/top1": 46.0, "slt_fused/top5": 77.0,
+     "student/top1": 54.0, "student/top5": 86.0},
+]
+
+
+def test_network_rows_best_and_last_per_network():
+  rows = metrics.network_rows(_HISTORY)
+  assert [tuple(r[c] for c in metrics.NETWORK_COLUMNS) for r in rows] == [
+      ("student", 55.0, 2, 54.0, 86.0),
+      ("slt_0", 41.0, 1, 40.0, 70.0),
+      ("slt_1", 42.0, 2, 41.0, 71.0),
+      ("slt_fused", 46.0, 3, 46.0, 77.0),
+      ("teacher", 75.0, 1, 75.0, 93.0)]
+  # SL-Ts by index (10 after 2), networks without a value left out.
+  assert metrics.networks([{"slt_10/top1": 1.0, "teacher/top1": 2.0,
+                            "slt_2/top1": 3.0, "other/top1": None}]) == [
+                                "slt_2", "slt_10", "teacher"]
+  # Chosen networks, in the given order; an absent one is all None.
+  picked = metrics.network_rows(_HISTORY, ("teacher", "nope"))
+  assert [r["network"] for r in picked] == ["teacher", "nope"]
+  assert picked[1] == {"network": "nope", "best top-1": None,
+                       "best epoch": None, "last top-1": None,
+                       "last top-5": None}
+  # One evaluation: its numbers are best and last alike.
+  (single,) = metrics.network_rows([{"student/top1": 12.5,
+                                     "student/top5": 30.0}])
+  assert (single["best top-1"], single["last top-1"],
+          single["last top-5"]) == (12.5, 12.5, 30.0)
+
+
+def test_stage_row():
+  assert metrics.stage_row(_HISTORY) == {
+      "best top-1": 55.0, "best epoch": 2, "last top-1": 54.0,
+      "fused SL-T best": 46.0, "teacher top-1": 75.0}
+  # The teacher stage trains its network as 'student' and has no SL-Ts.
+  ce = [{"epoch": 1, "student/top1": 60.0}, {"epoch": 2, "student/top1": 58.0}]
+  assert metrics.stage_row(ce) == {
+      "best top-1": 60.0, "best epoch": 1, "last top-1": 58.0,
+      "fused SL-T best": None, "teacher top-1": None}
+  table = metrics.summary_table([{"stage": "ce", **metrics.stage_row(ce)}],
+                                ["stage", *metrics.STAGE_COLUMNS])
+  assert table.splitlines()[2] == (
+      "| ce    |      60.00 |          1 |      58.00 | -               "
+      "| -             |")
 
 
 def test_summary_table_alignment():
