@@ -524,8 +524,8 @@ def _series(history: Sequence[Mapping[str, Any]], key: str
 # What the step computes (losses.kl_divergence(student, target) at T = 1):
 # the target's distribution comes first inside the KL.
 _TRAJECTORY_LABELS = {
-    "kl_student_teacher": "KL(p_teacher ‖ p_student)",
-    "kl_student_fused": "KL(p_fused ‖ p_student)",
+    "student/kl_teacher": "KL(p_teacher ‖ p_student)",
+    "student/kl_fused": "KL(p_fused ‖ p_student)",
 }
 
 
@@ -535,7 +535,7 @@ def plot_history(history: Sequence[Mapping[str, Any]],
 
   * ``accuracy.png``: eval top-1 per epoch of every ``'<net>/top1'`` key.
   * ``trajectory.png``: the learning trajectories of the paper's Figure 2,
-    per-epoch ``kl_student_teacher`` and ``kl_student_fused``.
+    per-epoch ``student/kl_teacher`` and ``student/kl_fused``.
 
   A plot whose keys appear in no entry is skipped (no file written).
   """

@@ -280,7 +280,7 @@ def test_plot_history(tmp_path):
   pytest.importorskip("matplotlib")
   history = [{"epoch": e, "student/top1": 10.0 * e, "teacher/top1": 70.0,
               "slt_0/top1": 5.0 * e, "slt_fused/top1": 6.0 * e,
-              "kl_student_teacher": 1.0 / e, "kl_student_fused": 0.5 / e}
+              "student/kl_teacher": 1.0 / e, "student/kl_fused": 0.5 / e}
              for e in range(1, 4)]
   paths = metrics.plot_history(history, tmp_path / "plots")
   assert [os.path.basename(p) for p in paths] == ["accuracy.png",
