@@ -12,6 +12,8 @@ method             teacher    SL-Ts  student objective (SL-Ts: Σ_j w_ce·CE + w
 ``slkd_slt_only``  yes        K      ``slkd`` with w_kd = 0 for the student
 ``slkd_seq``       yes        K      SLKD*: SL-Ts step first, then the student
                                      learns from the *updated* SL-Ts' fusion
+``teskd``          no         no     TESKD: backbone + 3 branches, one network
+                                     (:mod:`slkd_jax.teskd`)
 =================  =========  =====  ==============================================
 
 Loss weights and the temperature arrive as :class:`HParams` arrays, so a study
@@ -28,7 +30,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import feature_methods, losses, optim
+from slkd_jax import feature_methods, losses, optim, teskd
 
 
 @flax.struct.dataclass
@@ -134,6 +136,11 @@ class Method:
     eval_logits: ``f(state, nets, images) -> {name: logits}`` for methods
       that evaluate networks other than student / teacher / SL-Ts (branches,
       peers); None for the default.
+    student_features: the student returns its features (``features=True``:
+      ``logits.student_features``) without being a feature method (TESKD's
+      branches).
+    student_archs: the student architectures the method can train (empty:
+      any); checked by the config's validation.
   """
   name: str
   uses_teacher: bool
@@ -144,11 +151,13 @@ class Method:
   feature: feature_methods.FeatureMethod | None = None
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
+  student_features: bool = False
+  student_archs: tuple[str, ...] = ()
 
   @property
   def features(self) -> bool:
     """Whether the student and the teacher return their feature maps."""
-    return self.feature is not None
+    return self.feature is not None or self.student_features
 
 
 def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):
@@ -174,6 +183,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     *[Method(f.name, True, False, feature_methods.objective(f),
              f.description, feature=f)
       for f in feature_methods.FEATURE_METHODS.values()],
+    Method("teskd", False, False, teskd.objective,
+           "TESKD: a backbone taught by its own hierarchical branches "
+           "(Li 2021)", eval_logits=teskd.eval_logits, student_features=True,
+           student_archs=tuple(teskd.resnet_kuangliu.BACKBONE_OF)),
 ]}
 
 

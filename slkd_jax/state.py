@@ -116,7 +116,7 @@ def build_networks(config) -> Networks:
              if method.uses_teacher or method.uses_slts else None)
   student = models.create(config.student.arch, n, dtype)
   modules = {}
-  if method.features:
+  if method.feature is not None:
     modules = feature_methods.make_modules(
         method.name, student, teacher, methods.loss_settings(config), dtype,
         config.data.image_size)
@@ -130,7 +130,8 @@ def build_networks(config) -> Networks:
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """The reference SGD (without ``−lr``) shared by the student and SL-Ts."""
-  return optim.sgd_direction(config.optim.weight_decay, config.optim.momentum)
+  return optim.sgd_direction(config.optim.weight_decay, config.optim.momentum,
+                             nesterov=bool(config.optim.get("nesterov", False)))
 
 
 def image_shape(config) -> tuple[int, int, int]:
