@@ -359,3 +359,183 @@ def test_branch_ce_weights_follow_the_logit_names(x64):
   one, terms = teskd.teskd_loss(*args, **base)
   two, _ = teskd.teskd_loss(*args, branch_ce_weights=(2.0, 1.0, 1.0), **base)
   assert float(two - one) == pytest.approx(float(terms["branch_1_ce"]))
+
+
+# ---------------------------------------------------------------------------
+# The method in the general step (a tiny TESKD model: width 4, D = 32).
+
+TINY = "teskd_test_tiny"
+if TINY not in models.available():
+  models.register(TINY)(lambda num_classes, dtype: rk.KuangliuResNet(
+      (1, 1, 1, 1), num_classes, width=4, teskd=True, dtype=dtype))
+
+
+def tiny_config(dtype="float32"):
+  c = config_lib.base_config()
+  c.method = "teskd"
+  c.student.arch = TINY  # not a preset arch: validation would refuse it
+  c.data.num_classes = 10
+  c.batch_size = 16
+  c.dtype = dtype
+  c.optim.learning_rate = 0.1
+  c.optim.nesterov = True
+  c.recipes = config_lib.recipes(temperature=4.0, ce_weight=0.1,
+                                 kd_weight=0.9, dkd_beta=8.0, dkd_warmup=20.0)
+  c.recipes.teskd.feat_weight = 1e-3  # visible in a 2-step float64 test
+  return config_lib.stage_config(c, "teskd")
+
+
+def fake_batch(mesh, n=16, real=13):
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.standard_normal((n, 32, 32, 3)).astype(np.float32),
+           "label": rng.randint(0, 10, n).astype(np.int32),
+           "mask": np.arange(n) < real}
+  return jax.device_put(batch, parallel.batch_sharding(mesh))
+
+
+def run_steps(c, mesh, n=2):
+  state = state_lib.create_state(c, mesh)
+  step = train_step.make_train_step(c, mesh)
+  hp = methods.make_hparams(c, epoch=1)
+  history = []
+  for _ in range(n):
+    state, metrics = step(state, fake_batch(mesh), hp)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def test_method_row():
+  m = methods.get("teskd")
+  assert not m.uses_teacher and not m.uses_slts and m.feature is None
+  assert m.features and m.eval_logits is teskd.eval_logits
+  assert set(m.student_archs) == {"teskd_cifar_resnet18",
+                                  "teskd_cifar_resnet34"}
+  assert not methods.get("kd").features
+
+
+def test_one_and_eight_devices_agree():
+  # float64 so that the all-reduce's summation order cannot hide a real
+  # difference (BN statistics and the summed feature term see the global,
+  # masked batch).
+  with jax.enable_x64(True):
+    c = tiny_config("float64")
+    one, h1 = run_steps(c, parallel.make_mesh(jax.devices()[:1]))
+    eight, h8 = run_steps(c, parallel.make_mesh())
+    one, eight = jax.device_get(one), jax.device_get(eight)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
+                                                       atol=1e-12), one, eight)
+  np.testing.assert_allclose(h1[-1]["loss"], h8[-1]["loss"], rtol=1e-10)
+  for key in ("teskd_ce", "teskd_kl", "teskd_fea", "branch_3_ce",
+              "student_acc"):
+    assert np.isfinite(h8[-1][key]), key
+  assert h8[-1]["teskd_fea"] > 0
+
+
+def test_step_trains_heads_and_backbone_and_eval_reports_branches():
+  c = tiny_config()
+  mesh = parallel.make_mesh()
+  fresh = jax.device_get(state_lib.create_state(c, mesh).student.params)
+  state, _ = run_steps(c, mesh, n=1)
+  moved = jax.device_get(state.student.params)
+  for name in ("conv1", "layer4_0", "laterals_0_0", "upsample_2_1",
+               "fuse_1_0", "downsample1_3", "fc", "fc_b3"):
+    delta = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), moved[name],
+                         fresh[name])
+    assert max(jax.tree.leaves(delta)) > 0, name
+  sums = jax.device_get(train_step.make_eval_step(c, mesh)(
+      state, fake_batch(mesh)))
+  assert sums["count"] == 13
+  assert {k.split("/")[0] for k in sums if "/" in k} == {
+      "student", "branch_1", "branch_2", "branch_3"}
+
+
+def test_make_optimizer_follows_config_nesterov():
+  c = tiny_config()
+  params = {"w": jnp.zeros(1)}
+  grads = {"w": jnp.ones(1)}
+  for nesterov, want in ((False, 1.0), (True, 1.9)):
+    c.optim.nesterov = nesterov
+    tx = state_lib.make_optimizer(c)
+    direction, _ = tx.update(grads, tx.init(params), params)
+    assert float(direction["w"][0]) == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------------
+# Config: presets, recipe, validation, reporting.
+
+
+def _cifar_presets():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent.parent / "configs/cifar100.py"
+  spec = importlib.util.spec_from_file_location("teskd_test_cifar100", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+cifar = _cifar_presets()
+
+
+@pytest.mark.parametrize("arg,arch", [
+    ("cifar_resnet18", "teskd_cifar_resnet18"),
+    ("cifar_resnet18,teskd", "teskd_cifar_resnet18"),
+    ("cifar_resnet34,teskd", "teskd_cifar_resnet34"),
+    ("cifar_resnet18,ce", "cifar_resnet18")])
+def test_teskd_presets_carry_the_official_recipe(arg, arch):
+  c = cifar.get_config(arg)
+  config_lib.validate(c)
+  assert c.student.arch == arch
+  assert c.method == (arg.partition(",")[2] or "teskd")
+  # main.py: Nesterov SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, 200
+  # epochs, MultiStepLR [100, 150] x0.1; dataset.py: CIFAR-10 constants.
+  assert (c.optim.learning_rate, c.optim.momentum, c.optim.weight_decay,
+          c.optim.nesterov) == (0.1, 0.9, 5e-4, True)
+  assert (c.batch_size, c.num_epochs, tuple(c.optim.decay_epochs),
+          c.optim.decay_rate) == (128, 200, (100, 150), 0.1)
+  assert tuple(c.data.mean) == (0.4914, 0.4822, 0.4465)
+  assert tuple(c.data.std) == (0.2023, 0.1994, 0.2010)
+  assert c.report_best_after_epoch == 150 and not c.data.drop_last
+  loss = methods.loss_settings(c)
+  if c.method == "teskd":
+    assert (loss.temperature, loss.ce_weight, loss.kd_weight,
+            loss.feat_weight) == (4.0, 0.2, 0.8, 1e-7)
+    assert (loss.backbone_ce_weight, loss.branch1_ce_weight,
+            loss.branch2_ce_weight, loss.branch3_ce_weight) == (1, 1, 1, 1)
+    assert loss.detach_kd_target is False
+  else:
+    assert loss.ce_weight == 1.0
+
+
+def test_teskd_paper_numbers():
+  assert cifar.paper_top1("cifar_resnet18", "teskd") == 79.15
+  assert cifar.paper_top1("cifar_resnet18", "ce") == 74.41  # 79.15 - 4.74
+  assert cifar.paper_top1("cifar_resnet34", "teskd") is None  # not stated
+
+
+def test_teskd_validation_names_the_key():
+  with pytest.raises(config_lib.errors.ConfigError, match="student.arch"):
+    config_lib.validate(cifar.get_config("resnet32x4-resnet8x4,teskd"))
+  with pytest.raises(config_lib.errors.ConfigError, match="kd"):
+    cifar.get_config("cifar_resnet18,kd")
+  for key, value in (("optim.nesterov", 1), ("report_best_after_epoch", -1),
+                     ("data.mean", (0.5, 0.5)), ("data.std", (0.2, 0.0, 0.2))):
+    c = cifar.get_config("cifar_resnet18")
+    parent, _, leaf = key.rpartition(".")
+    node = c[parent] if parent else c
+    with pytest.raises((config_lib.errors.ConfigError, TypeError)):
+      node[leaf] = value
+      config_lib.validate(c)
+  defaults = config_lib.base_config()
+  assert defaults.optim.nesterov is False
+  assert defaults.data.mean is None and defaults.report_best_after_epoch == 0
+
+
+def test_reported_best_is_over_the_epochs_after_E():
+  history = [{"epoch": e, "student/top1": t}
+             for e, t in ((149, 80.0), (150, 79.0), (151, 78.5), (152, 78.9))]
+  best = train.metrics.best_and_last(train.reported_history(history, 150),
+                                     "student/top1")
+  assert best == (78.9, 152, 78.9)
+  assert train.reported_history(history, 0) == history
+  assert train.reported_history(history[:2], 150) == history[:2]  # short run
