@@ -365,9 +365,17 @@ def test_branch_ce_weights_follow_the_logit_names(x64):
 # The method in the general step (a tiny TESKD model: width 4, D = 32).
 
 TINY = "teskd_test_tiny"
-if TINY not in models.available():
-  models.register(TINY)(lambda num_classes, dtype: rk.KuangliuResNet(
-      (1, 1, 1, 1), num_classes, width=4, teskd=True, dtype=dtype))
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch):
+  """A TESKD model of width 4 in the registry, for this module's tests only
+  (other modules iterate over the registered models)."""
+  monkeypatch.setitem(
+      models.registry._REGISTRY, TINY,  # pylint: disable=protected-access
+      models.ModelInfo(TINY, lambda num_classes, dtype: rk.KuangliuResNet(
+          (1, 1, 1, 1), num_classes, width=4, teskd=True, dtype=dtype),
+          32, 100))
 
 
 def tiny_config(dtype="float32"):
