@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.drop_last = False  # the reference keeps the last partial batch
   c.data.num_classes = 100
   c.data.image_size = 32
+  # Per-channel normalisation (in [0, 1] units); None = the dataset's own
+  # constants (CIFAR-100: RepDistiller's). TESKD uses CIFAR-10's.
+  c.data.mean = ml_collections.FieldReference(None, field_type=tuple)
+  c.data.std = ml_collections.FieldReference(None, field_type=tuple)
   # ImageNet host pipeline (tf.data, per process); other datasets live on
   # the devices and ignore these.
   c.data.shuffle_buffer = 10_000  # encoded JPEGs held for shuffling
@@ -94,10 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 5e-4
   c.optim.decay_epochs = (150, 180, 210)
   c.optim.decay_rate = 0.1
+  c.optim.nesterov = False  # PyTorch SGD(nesterov=True): TESKD's recipe
 
   # Further methods distilled from the same teacher after ``method``, each in
   # its own stage; a comparison table closes the run (the quickstart's demo).
   c.compare_with = ()
+
+  # The reported best top-1 (and the best checkpoint) is over the epochs
+  # after this one (TESKD: 150); 0 = every epoch (mdistiller).
+  c.report_best_after_epoch = 0
 
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 10
@@ -252,6 +261,11 @@ def _validate_models(config) -> None:
     _check(arch in models.available(), f"{key}.arch", arch,
            "a model name from slkd_jax.models.available(): "
            + ", ".join(models.available()))
+  for method in stage_methods(config):
+    archs = methods.get(method).student_archs
+    _check(not archs or config.student.arch in archs, "student.arch",
+           config.student.arch, f"method {method!r} trains one of "
+           + ", ".join(archs))
   _check(_is_int(config.data.num_classes, 2), "data.num_classes",
          config.data.num_classes, "an int >= 2")
   teacher = config.teacher
@@ -284,7 +298,8 @@ def _validate_loss(config, method: str) -> None:
   settings = vars(methods.loss_settings(config, method))
   for key, value in settings.items():
     name = f"loss.{key}" if key in overrides else f"recipes.{method}.{key}"
-    if (key.startswith("slt_") and value is None) or key == "pdist_squared":
+    if (key.startswith("slt_") and value is None) or key in (
+        "pdist_squared", "detach_kd_target"):
       continue  # None: tied to the student's weight; a typed bool
     if key in _CHOICES:
       _check(value in _CHOICES[key], name, value,
@@ -323,6 +338,8 @@ def _validate_optim(opt) -> None:
          "non-negative int epochs in increasing order")
   _check(_is_number(opt.decay_rate) and opt.decay_rate > 0,
          "optim.decay_rate", opt.decay_rate, "a positive number")
+  _check(isinstance(opt.get("nesterov", False), bool), "optim.nesterov",
+         opt.get("nesterov"), "True or False")
 
 
 def _validate_cadence(config) -> None:
@@ -330,6 +347,8 @@ def _validate_cadence(config) -> None:
                      ("keep_checkpoints", 1)):
     _check(_is_int(config[key], lower), key, config[key], f"an int >= {lower}")
   _validate_data_settings(config.data)
+  after = config.get("report_best_after_epoch", 0)
+  _check(_is_int(after, 0), "report_best_after_epoch", after, "an int >= 0")
   _check(_is_number(config.preemption_check_seconds)
          and config.preemption_check_seconds > 0, "preemption_check_seconds",
          config.preemption_check_seconds, "a positive number of seconds")
@@ -347,6 +366,7 @@ RESUMABLE_KEYS = (
     "num_epochs", "compare_with", "log_every_steps", "checkpoint_every_epochs",
     "keep_checkpoints", "preemption_check_seconds", "deterministic",
     "eval_batch_size", "recipes", "teacher", "data.data_dir",
+    "report_best_after_epoch",
     "data.host_prefetch", "data.device_prefetch",
     "data.ram_budget_gb", "data.num_threads")
 
@@ -410,6 +430,15 @@ def _validate_data_settings(data) -> None:
            f"an int >= {lower}")
   _check(data.num_threads is None or _is_int(data.num_threads, 1),
          "data.num_threads", data.num_threads, "None (automatic) or an int >= 1")
+  for key in ("mean", "std"):
+    value = data.get(key)
+    _check(value is None or data.name == "cifar100", f"data.{key}", value,
+           "None: only CIFAR-100 takes other normalisation constants")
+    _check(value is None or (len(value) == 3 and all(
+        _is_number(v) and (v > 0 or key == "mean") for v in value)),
+           f"data.{key}", value, "None (the dataset's constants) or 3 "
+           "per-channel numbers in [0, 1] units" + (", positive" if key ==
+                                                     "std" else ""))
   _check(data.ram_budget_gb is None or (_is_number(data.ram_budget_gb)
                                         and data.ram_budget_gb > 0),
          "data.ram_budget_gb", data.ram_budget_gb,

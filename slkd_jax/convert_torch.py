@@ -286,16 +286,42 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 def _infer_num_classes(slots: list[_Slot], state_dict: Mapping[str, Any]
                        ) -> int | None:
-  """Rows of the classifier's weight, if the state_dict has it."""
+  """Rows of the classifier's weight, if the state_dict has it; with several
+  classifiers (TESKD's backbone and branch ``fc``s), their common width."""
   weights = [s for s in slots
              if s.kind == "linear" and s.torch_key.endswith(".weight")]
-  if len(weights) != 1:
-    return None
-  value = state_dict.get(weights[0].torch_key)
-  shape = getattr(value, "shape", None)
-  if shape is None or len(shape) != 2 or int(shape[0]) < 1:
-    return None
-  return int(shape[0])
+  rows = set()
+  for slot in weights:
+    shape = getattr(state_dict.get(slot.torch_key), "shape", None)
+    if shape is None or len(shape) != 2 or int(shape[0]) < 1:
+      return None
+    rows.add(int(shape[0]))
+  return rows.pop() if len(rows) == 1 else None
+
+
+def canonical_torch_key(key: str) -> str:
+  """``key`` with every ``_<digits>`` piece of a module name read as an
+  index (``fuse_3.0.weight`` → ``fuse.3.0.weight``): the form
+  :func:`torch_module_path` produces, so PyTorch attributes whose *names*
+  end in ``_<digit>`` (TESKD's ``fuse_1..3``) still find their slots.
+  Keys without such pieces are unchanged."""
+  module, _, leaf = key.rpartition(".")
+  if not module:
+    return key
+  return f"{torch_module_path(tuple(module.split('.')))}.{leaf}"
+
+
+def _canonical_state_dict(state_dict: Mapping[str, Any]
+                          ) -> tuple[dict[str, Any], dict[str, str]]:
+  """``(state_dict by canonical key, canonical → original key)``."""
+  out, original = {}, {}
+  for key, value in state_dict.items():
+    canon = canonical_torch_key(key)
+    if canon in out:
+      raise ConversionError(f"the state_dict holds both {original[canon]!r} "
+                            f"and {key!r}, which name the same tensor")
+    out[canon], original[canon] = value, key
+  return out, original
 
 
 def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
@@ -324,7 +350,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   """
   from slkd_jax import models
 
-  state_dict = unwrap_state_dict(state_dict)
+  state_dict, original = _canonical_state_dict(unwrap_state_dict(state_dict))
   default = models.info(arch).default_num_classes
   abstract = abstract_variables(
       arch, default if num_classes is None else num_classes)
@@ -365,8 +391,8 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
     if leaf == "num_batches_tracked" and module in bn_modules:
       continue  # a training counter, not a variable of the model
     shape = getattr(value, "shape", None)
-    unexpected.append(key + (f" {_fmt_shape(tuple(shape))}"
-                             if shape is not None else ""))
+    unexpected.append(original[key] + (f" {_fmt_shape(tuple(shape))}"
+                                       if shape is not None else ""))
 
   if missing or unexpected or mismatched or not_tensors:
     lines = [f"cannot convert the PyTorch state_dict to {arch!r} "
@@ -440,13 +466,16 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = True
 
 
 def _num_classes_of(variables: Mapping[str, Any]) -> int:
-  """Output width of the single Linear layer (2-D kernel) in ``variables``."""
-  kernels = [v for path, v in _flatten(variables.get("params", {})).items()
-             if path[-1] == "kernel" and len(np.shape(v)) == 2]
-  if len(kernels) != 1:
-    raise ConversionError(f"cannot infer num_classes: expected one Linear layer, "
-                     f"found {len(kernels)}; pass num_classes")
-  return int(np.shape(kernels[0])[1])
+  """Output width of the Linear layers (2-D kernels) in ``variables``: one
+  classifier, or several of one width (TESKD's backbone and branches)."""
+  widths = {int(np.shape(v)[1])
+            for path, v in _flatten(variables.get("params", {})).items()
+            if path[-1] == "kernel" and len(np.shape(v)) == 2}
+  if len(widths) != 1:
+    raise ConversionError(f"cannot infer num_classes: expected Linear layers "
+                          f"of one width, found widths {sorted(widths)}; "
+                          f"pass num_classes")
+  return widths.pop()
 
 
 def _check_variables(variables: Mapping[str, Any], arch: str,

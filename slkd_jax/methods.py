@@ -12,6 +12,8 @@ method             teacher    SL-Ts  student objective (SL-Ts: Σ_j w_ce·CE + w
 ``slkd_slt_only``  yes        K      ``slkd`` with w_kd = 0 for the student
 ``slkd_seq``       yes        K      SLKD*: SL-Ts step first, then the student
                                      learns from the *updated* SL-Ts' fusion
+``teskd``          no         no     TESKD: backbone + 3 branches, one network
+                                     (:mod:`slkd_jax.teskd`)
 =================  =========  =====  ==============================================
 
 Loss weights and the temperature arrive as :class:`HParams` arrays, so a study
@@ -28,7 +30,7 @@ from typing import Any, Callable
 import flax
 import jax
 
-from slkd_jax import crd, feature_methods, losses
+from slkd_jax import crd, feature_methods, losses, teskd
 from slkd_jax import feature_losses as fl
 
 
@@ -149,6 +151,8 @@ class Method:
       then also receives ``buffers`` (current), ``batch`` (with the
       examples' dataset ``index``) and ``rng`` (a key of this step) and
       returns ``(loss, terms, new_buffers)``.
+    student_archs: the student architectures the method can train (empty:
+      any); checked by the config's validation.
   """
   name: str
   uses_teacher: bool
@@ -164,6 +168,7 @@ class Method:
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
   init_buffers: Callable[..., dict[str, jax.Array]] | None = None
+  student_archs: tuple[str, ...] = ()
 
   @property
   def features(self) -> bool:
@@ -208,6 +213,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "distillation (Tian 2020)", returns_features=True,
            defaults=crd.CRD_DEFAULTS, make_modules=crd.make_modules,
            module_inputs=crd.module_inputs, init_buffers=crd.init_buffers),
+    Method("teskd", False, False, teskd.objective,
+           "TESKD: a backbone taught by its own hierarchical branches "
+           "(Li 2021)", eval_logits=teskd.eval_logits, returns_features=True,
+           defaults=teskd.TESKD_DEFAULTS,
+           student_archs=tuple(teskd.resnet_kuangliu.BACKBONE_OF)),
 ]}
 
 

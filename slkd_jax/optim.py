@@ -5,7 +5,10 @@ PyTorch's ``SGD(momentum=m, dampening=0, nesterov=False, weight_decay=wd)``:
 ``g ← g + wd·w``; ``buf ← m·buf + g`` (``buf = g`` at the first step);
 ``w ← w − lr·buf`` — on *all* parameters (BN γ/β and biases too). In optax:
 ``add_decayed_weights(wd) → trace(m)`` gives ``buf``; the step scales it by
-``−lr``. The learning rate is applied in the step, as an array argument, so
+``−lr``. With ``nesterov=True`` (TESKD's recipe) PyTorch steps along
+``d = g + m·buf`` (``g`` after weight decay, ``buf`` the updated buffer);
+``optax.trace(nesterov=True)`` returns exactly that (its buffer starts at 0,
+so ``buf = g`` at the first step, as PyTorch's). The learning rate is applied in the step, as an array argument, so
 that changing it (every epoch, or across vmapped runs) never recompiles.
 """
 
@@ -18,11 +21,12 @@ import jax.numpy as jnp
 import optax
 
 
-def sgd_direction(weight_decay: float, momentum: float
-                  ) -> optax.GradientTransformation:
-  """Gradient → PyTorch SGD momentum buffer (the update before ``−lr``)."""
+def sgd_direction(weight_decay: float, momentum: float,
+                  nesterov: bool = False) -> optax.GradientTransformation:
+  """Gradient → PyTorch SGD's step direction (the update before ``−lr``):
+  the momentum buffer, or with ``nesterov`` ``g + m·buf``."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.trace(decay=momentum, nesterov=False))
+                     optax.trace(decay=momentum, nesterov=nesterov))
 
 
 def apply_sgd(params, buffer, learning_rate: jax.Array):

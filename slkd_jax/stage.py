@@ -123,7 +123,8 @@ def resolve(config) -> Stage:
   return Stage(
       method=method, settings=settings,
       nets=_build_networks(config, method, settings, num_slts),
-      tx=optim.sgd_direction(opt.weight_decay, opt.momentum),
+      tx=optim.sgd_direction(opt.weight_decay, opt.momentum,
+                             nesterov=bool(opt.nesterov)),
       schedule=Schedule(opt.learning_rate, tuple(opt.decay_epochs),
                         opt.decay_rate),
       fusion_weights=fusion, ensemble=config.slkd.ensemble,

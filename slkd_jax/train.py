@@ -248,7 +248,9 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
   if epoch % config.checkpoint_every_epochs == 0 or (
       epoch == config.num_epochs):
     loop.ckpt.save(global_step, trainable, loop.meta(epoch, 0))
-  if metrics.best_and_last(loop.history, "student/top1")[1] == epoch:
+  reported = reported_history(loop.history,
+                              config.get("report_best_after_epoch", 0))
+  if metrics.best_and_last(reported, "student/top1")[1] == epoch:
     # One save at a time: concurrent async saves of two managers at the same
     # step collide in orbax's multi-process barriers.
     loop.ckpt.wait()
@@ -306,7 +308,8 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
         os.path.join(stage_dir, "final_model")):
       _save_model(loop, state, "final_model", config.num_epochs,
                   loop.history[-1] if loop.history else {})
-    _write_stage_summary(stage_dir, name, loop.history)
+    _write_stage_summary(stage_dir, name, reported_history(
+        loop.history, config.get("report_best_after_epoch", 0)))
   return StageResult(name, config.method, state, loop.history)
 
 
@@ -361,6 +364,15 @@ def _train_stage(loop: _Loop, state, epoch: int, start_step: int):
     bar.close()
     writer.close()
   return state
+
+
+def reported_history(history: list[dict[str, Any]], after_epoch: int
+                     ) -> list[dict[str, Any]]:
+  """The epochs the best top-1 is reported over: those after
+  ``after_epoch`` (``config.report_best_after_epoch``; TESKD: 150), or every
+  epoch while there is none (``after_epoch`` 0, or a short run)."""
+  later = [h for h in history if h.get("epoch", 0) > after_epoch]
+  return later or list(history)
 
 
 def _eval_line(record: dict[str, Any]) -> str:
@@ -475,7 +487,10 @@ def run(config: ml_collections.ConfigDict, workdir: str
                                 teacher, stop)
   _write_run_config(config, workdir)
   if jax.process_index() == 0:
-    table = comparison_table(results)
+    table = comparison_table(
+        {name: dataclasses.replace(r, history=reported_history(
+            r.history, config.get("report_best_after_epoch", 0)))
+         for name, r in results.items()})
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     print(table, flush=True)

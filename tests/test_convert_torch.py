@@ -708,6 +708,27 @@ def reference_keys(arch):
         for j in range(1, 6 if i == 0 else 4):
           keys += _c(f"layer{s + 1}.{i}.conv{j}") + _b(f"layer{s + 1}.{i}.bn{j}")
     keys += _c("conv2") + _b("bn2") + _l("linear")
+  elif m := re.fullmatch(r"(teskd_)?cifar_resnet(18|34)", arch):
+    keys += _c("conv1") + _b("bn1")
+    for s, n in enumerate((2, 2, 2, 2) if m[2] == "18" else (3, 4, 6, 3)):
+      for i in range(n):
+        p = f"layer{s + 1}.{i}"
+        keys += _c(f"{p}.conv1") + _b(f"{p}.bn1") + _c(f"{p}.conv2")
+        keys += _b(f"{p}.bn2")
+        if i == 0 and s > 0:
+          keys += _c(f"{p}.downsample.0") + _b(f"{p}.downsample.1")
+    keys += _l("fc")
+    if m[1]:  # TESKD's top-down path and heads (models/resnet_our.py)
+      for i in range(4):
+        keys += _c(f"laterals.{i}.0") + _b(f"laterals.{i}.1")
+      for k in range(3):
+        keys += _c(f"upsample.{k}.1") + _b(f"upsample.{k}.2")
+      for k in (1, 2, 3):  # attribute fuse_k: read as fuse.k (canonical)
+        keys += _c(f"fuse.{k}.0") + _b(f"fuse.{k}.1")
+      for j in (1, 2, 3):
+        keys += _c(f"downsample{j}.0", bias=True) + _b(f"downsample{j}.1")
+        keys += _c(f"downsample{j}.3", bias=True) + _b(f"downsample{j}.4")
+        keys += _l(f"fc_b{j}")
   elif arch == "imagenet_mobilenetv1":
     keys += _c("model.0.0") + _b("model.0.1")
     for i in range(1, 14):

@@ -23,6 +23,9 @@ _IMAGENET_RESNET = (((112, 64), (56, 64), (28, 128), (14, 256), (7, 512)),
                     512)  # imagenet/resnet.py: the stem before the max-pool
 
 
+_KUANGLIU = (((32, 64), (32, 64), (16, 128), (8, 256), (4, 512)), 512)
+
+
 def _wrn(k):  # cifar/wrn.py: conv1, block1..3 (before the final BN).
   return ((32, 16), (32, 16 * k), (16, 32 * k), (8, 64 * k)), 64 * k
 
@@ -48,6 +51,9 @@ EXPECTED = {
     # imagenet/mobilenetv1.py: layers 3, 5, 11, 13; no stem entry.
     "imagenet_mobilenetv1": (((56, 128), (28, 256), (14, 512), (7, 1024)),
                              1024),
+    # TESKD's kuangliu ResNets: stem, s1..s4 (the TESKD form adds branches).
+    **{f"{p}cifar_resnet{d}": _KUANGLIU for p in ("", "teskd_")
+       for d in (18, 34)},
 }
 BATCH, NUM_CLASSES = 2, 10
 
@@ -117,7 +123,9 @@ def _logits_only(out):
   return jax.tree.map(lambda _: False, out).replace(logits=True)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# TESKD models compute (and train) their branches only with features=True.
+@pytest.mark.parametrize("name", [n for n in sorted(EXPECTED)
+                                  if not n.startswith("teskd_")])
 def test_logits_only_program_is_the_features_program_minus_dead_code(name):
   """``features=False`` traces exactly the ops the logits (and, in train
   mode, the BatchNorm statistics) need: those of ``features=True`` after

@@ -68,6 +68,8 @@ SETTINGS: dict[str, Any] = {
     "ram_budget_gb": None,
     "num_threads": None,
     "data_seed": 0,
+    "mean": None,
+    "std": None,
 }
 
 

@@ -165,8 +165,11 @@ def create(data_config: Any, *, batch_size: int, eval_batch_size: int,
            seed: int, mesh: jax.sharding.Mesh):
   """CIFAR-100 training and evaluation data (see :func:`create_datasets`)."""
   train, test = load(data_config)
+  # data.mean / data.std override the constants (TESKD: CIFAR-10's).
+  mean = setting(data_config, "mean") or MEAN
+  std = setting(data_config, "std") or STD
   return arrays.make_array_datasets(
-      train, test, mean=MEAN, std=STD, augment=AUGMENT,
+      train, test, mean=mean, std=std, augment=AUGMENT,
       num_classes=NUM_CLASSES, batch_size=batch_size,
       eval_batch_size=eval_batch_size, seed=seed, mesh=mesh,
       drop_last=bool(setting(data_config, "drop_last")))

@@ -20,6 +20,7 @@ from slkd_jax.models import mobilenetv2  # noqa: F401
 from slkd_jax.models import shufflenetv1  # noqa: F401
 from slkd_jax.models import shufflenetv2  # noqa: F401
 from slkd_jax.models import mobilenet_imagenet  # noqa: F401
+from slkd_jax.models import resnet_kuangliu  # noqa: F401
 
 __all__ = ["ModelInfo", "Outputs", "available", "create", "info", "register",
            "count_params"]
