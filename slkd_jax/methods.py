@@ -12,6 +12,8 @@ method             teacher    SL-Ts  student objective (SL-Ts: Σ_j w_ce·CE + w
 ``slkd_slt_only``  yes        K      ``slkd`` with w_kd = 0 for the student
 ``slkd_seq``       yes        K      SLKD*: SL-Ts step first, then the student
                                      learns from the *updated* SL-Ts' fusion
+``dml``            no         no     K peers (student + K−1 stacked in ``slts``),
+                                     each CE + mean_j KD_T(z_k, sg(z_j)) (Zhang)
 =================  =========  =====  ==============================================
 
 Loss weights and the temperature arrive as :class:`HParams` arrays, so a study
@@ -134,6 +136,9 @@ class Method:
     eval_logits: ``f(state, nets, images) -> {name: logits}`` for methods
       that evaluate networks other than student / teacher / SL-Ts (branches,
       peers); None for the default.
+    peers: DML: the student is peer 0 and ``DistillState.slts`` holds peers
+      1..K−1 (the teacher's architecture), trained from scratch; no frozen
+      teacher, no fusion (``uses_slts`` stays False: it means SLKD's SL-Ts).
   """
   name: str
   uses_teacher: bool
@@ -144,6 +149,7 @@ class Method:
   feature: feature_methods.FeatureMethod | None = None
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
+  peers: bool = False
 
   @property
   def features(self) -> bool:
@@ -155,6 +161,16 @@ def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):
   return _slkd_objective(logits, labels, mask, hp,
                          detach_fused_target=detach_fused_target,
                          teacher_term=False)
+
+
+def _dml_step(*args, **kwargs):
+  from slkd_jax import dml  # dml builds on train_step, which imports us
+  return dml.build_step(*args, **kwargs)
+
+
+def _dml_eval_logits(*args, **kwargs):
+  from slkd_jax import dml
+  return dml.eval_logits(*args, **kwargs)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -174,6 +190,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     *[Method(f.name, True, False, feature_methods.objective(f),
              f.description, feature=f)
       for f in feature_methods.FEATURE_METHODS.values()],
+    Method("dml", False, False, _ce_objective,
+           "deep mutual learning (Zhang 2018): K peers teach each other",
+           build_step=_dml_step, eval_logits=_dml_eval_logits, peers=True),
 ]}
 
 

@@ -108,12 +108,16 @@ class Networks:
 
 
 def build_networks(config) -> Networks:
-  """Student, teacher and SL-T modules for ``config`` (compute dtype set)."""
+  """Student, teacher and SL-T modules for ``config`` (compute dtype set).
+
+  DML (``method.peers``): ``slt`` is the architecture of peers 1..K−1
+  (``config.teacher.arch``), ``num_slts`` = K − 1, no teacher."""
   method = methods.get(config.method)
   dtype = jnp.dtype(config.dtype)
   n = config.data.num_classes
   teacher = (models.create(config.teacher.arch, n, dtype)
-             if method.uses_teacher or method.uses_slts else None)
+             if method.uses_teacher or method.uses_slts or method.peers
+             else None)
   student = models.create(config.student.arch, n, dtype)
   modules = {}
   if method.features:
@@ -123,8 +127,9 @@ def build_networks(config) -> Networks:
   return Networks(
       student=student,
       teacher=teacher if method.uses_teacher else None,
-      slt=teacher if method.uses_slts else None,
-      num_slts=config.slkd.num_slts if method.uses_slts else 0,
+      slt=teacher if method.uses_slts or method.peers else None,
+      num_slts=(config.slkd.num_slts if method.uses_slts else
+                config.dml.num_peers - 1 if method.peers else 0),
       modules=modules)
 
 

@@ -279,6 +279,8 @@ def reference_recipe(pair: str, method: str) -> dict:
     return {"ce_weight": 1.0, "feat_weight": MDISTILLER_FEAT_WEIGHT[method]}
   if method == "ce":
     return {"ce_weight": 1.0}
+  if method == "dml":  # Zhang et al. 2018: CE + KL(p_j ‖ p_k), T = 1
+    return {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
   if method == "dkd":
     return {"ce_weight": 1.0, "dkd_alpha": 1.0, "temperature": 4.0,
             "dkd_warmup": 20.0,
