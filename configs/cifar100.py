@@ -17,7 +17,8 @@ Methods: ``ce`` (CE only: the student from scratch), ``kd``, ``dkd``,
 ``slkd`` (default), ``slkd_t_only``, ``slkd_slt_only`` (paper Table 7
 ablations), ``slkd_seq`` (the paper's SLKD*) and the feature-based
 comparison methods ``fitnet``, ``at``, ``sp``, ``rkd``, ``pkt``, ``nst``,
-``kdsvd``, ``vid`` (mdistiller's settings). One command runs the paper's
+``kdsvd``, ``vid`` (mdistiller's settings), and ``dml`` (deep mutual
+learning, below). One command runs the paper's
 comparison from one teacher and prints one table::
 
   python -m slkd_jax.main --config=configs/cifar100.py --workdir=runs/cmp \
@@ -33,6 +34,19 @@ weights 1). ``dkd``: CE 1.0, α 1, β per pair (below), T 4, warm-up 20
 epochs. ``ce``: CE weight 1. Feature-based methods: CE 1 and mdistiller's
 feature weight (FitNet 100, AT 1000, SP 3000, RKD 1, PKT 30000, NST 50,
 KDSVD 1, VID 1; docs/method.md §3).
+
+DML (deep mutual learning, Zhang et al. 2018; docs/dml.md)
+----------------------------------------------------------
+K = 2 peers trained together from scratch, no teacher: peer 0 is
+``student.arch``, peer 1 (..K−1) ``teacher.arch``. Two presets:
+``resnet32-resnet32`` (two ResNet-32, method ``dml`` by default; ``,ce``
+trains one ResNet-32 alone with the same recipe, the paper's "independent"
+baseline) and the mixed pair ``resnet32x4-ShuffleV2,dml`` (peer 0
+ShuffleV2, peer 1 resnet32x4). ``dml`` on any pair uses the DML paper's
+CIFAR-100 recipe instead of mdistiller's: SGD momentum 0.9, lr 0.1 ×0.1
+every 60 epochs, 200 epochs, batch 64, CE + KL at T = 1; weight decay 5e-4
+is ours (see docs/dml.md for what the paper states). The paper's Nesterov
+momentum is pending (plain momentum until ``optim.nesterov`` exists).
 
 Teachers
 --------
@@ -147,6 +161,11 @@ ABLATION = {
 # Students the reference trains with lr 0.01 instead of 0.05 (mdistiller /
 # RepDistiller's setting for the mobile networks).
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+# DML presets (docs/dml.md): peers keyed "PEER1-PEER0" like the pairs
+# (teacher.arch = peers 1..K-1, student.arch = peer 0); methods dml or ce.
+DML_PRESETS = {"resnet32-resnet32": ("resnet32", "resnet32")}
+DML_PRESET_METHODS = ("dml", "ce")
 
 DEFAULT_PRESET = "resnet32x4-resnet8x4"
 DEFAULT_METHOD = "slkd"
@@ -304,18 +323,38 @@ def paper_top1(preset: str, method: str) -> float | None:
 def parse_arg(arg: str | None) -> tuple[str, str]:
   """``'PAIR'`` / ``'PAIR,METHOD'`` / None → (preset name, method); a
   self-distillation preset (``cifar_resnet18[,teskd|ce]``) defaults to
-  ``teskd``."""
+  ``teskd``, a DML preset (``resnet32-resnet32[,dml|ce]``) to ``dml``."""
   name = (arg or "").partition(",")[0].strip()
-  if name in SELF_PRESETS:
-    name, method = config_lib.parse_preset(arg, SELF_PRESETS, name,
-                                           SELF_DEFAULT_METHOD, "CIFAR-100")
-    if method not in SELF_METHODS:
-      raise errors.ConfigError(
-          f"preset {name!r} trains one network without a teacher: method "
-          f"{' or '.join(SELF_METHODS)}, not {method!r}")
-    return name, method
-  return config_lib.parse_preset(arg, {**PRESETS, **SELF_PRESETS},
+  for presets, default, allowed, what in (
+      (SELF_PRESETS, SELF_DEFAULT_METHOD, SELF_METHODS,
+       "trains one network without a teacher"),
+      (DML_PRESETS, "dml", DML_PRESET_METHODS,
+       "trains peers from scratch (ce: one peer alone)")):
+    if name in presets:
+      name, method = config_lib.parse_preset(arg, presets, name, default,
+                                             "CIFAR-100")
+      if method not in allowed:
+        raise errors.ConfigError(
+            f"preset {name!r} {what}: method {' or '.join(allowed)}, not "
+            f"{method!r}")
+      return name, method
+  return config_lib.parse_preset(arg, {**PRESETS, **SELF_PRESETS,
+                                       **DML_PRESETS},
                                  DEFAULT_PRESET, DEFAULT_METHOD, "CIFAR-100")
+
+
+def _dml_recipe(c) -> None:
+  """The DML paper's CIFAR-100 training recipe (docs/dml.md); what the
+  paper does not state stays ours (weight decay, augmentation, eval)."""
+  c.batch_size = 64
+  c.num_epochs = 200
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True  # the paper: SGD with Nesterov momentum
+  c.optim.decay_epochs = (60, 120, 180)  # ×0.1 every 60 epochs
+  c.optim.decay_rate = 0.1
+  c.dml.num_peers = 2
+  c.dml.update_order = "sequential"  # Algorithm 1
 
 
 def get_config(arg: str | None = None):
@@ -323,7 +362,10 @@ def get_config(arg: str | None = None):
   name, method = parse_arg(arg)
   if name in SELF_PRESETS:
     return _self_config(SELF_PRESETS[name], method)
-  preset = PRESETS[name]
+  if name in DML_PRESETS:  # peers, no teacher: no reference top-1, DKD unused
+    preset = _preset(*DML_PRESETS[name], None, None, _LIGHT)
+  else:
+    preset = PRESETS[name]
   c = config_lib.base_config()
   c.method = method
 
@@ -360,6 +402,8 @@ def get_config(arg: str | None = None):
 
   c.log_every_steps = 100
   c.checkpoint_every_epochs = 10
+  if method == "dml" or name in DML_PRESETS:
+    _dml_recipe(c)
   return c
 
 

@@ -81,6 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.slkd.detach_fused_target = False  # False = reference code
   c.slkd.fusion_weights = ml_collections.FieldReference(None, field_type=tuple)
 
+  # DML (method "dml", docs/dml.md): K peers, peer 0 = student.arch, peers
+  # 1..K-1 = teacher.arch, applied like the SL-Ts (slkd.ensemble).
+  c.dml = ml_collections.ConfigDict()
+  c.dml.num_peers = 2
+  # "sequential" (the paper's Algorithm 1) | "simultaneous"; not "update":
+  # ConfigDict.update is a method.
+  c.dml.update_order = "sequential"
+
   # Each method's loss settings for this dataset / pair (``set_recipes``);
   # every stage runs with the recipe of its own method.
   c.recipes = recipes(temperature=4.0, ce_weight=0.1, kd_weight=0.9,
@@ -164,7 +172,8 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
   SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
   The feature-based methods: mdistiller's CE 1, feature weight and method
-  settings (``Method.defaults``). Every recipe defines
+  settings (``Method.defaults``); ``dml``: the DML paper's CE 1, KL 1 at
+  T = 1 (docs/dml.md). Every recipe defines
   every key of :data:`methods.LOSS_KEYS`.
   """
   methods.get(method)
@@ -276,6 +285,8 @@ def _validate_models(config) -> None:
   _check(teacher.checkpoint is None or bool(teacher.checkpoint.strip()),
          "teacher.checkpoint", teacher.checkpoint,
          "None (train the teacher first) or a path")
+  if any(methods.get(m).peers for m in stage_methods(config)):
+    _validate_peers(config)
   if not any(methods.get(m).uses_slts for m in stage_methods(config)):
     return
   k = config.slkd.num_slts
@@ -289,6 +300,17 @@ def _validate_models(config) -> None:
            and abs(sum(weights) - 1.0) < 1e-6, "slkd.fusion_weights",
            weights, f"None (uniform 1/K) or {k} non-negative weights, one per "
            "SL-T, summing to 1")
+
+
+def _validate_peers(config) -> None:
+  """DML's peers (``config.dml``) and how the stacked ones are applied."""
+  _check(_is_int(config.dml.num_peers, 2), "dml.num_peers",
+         config.dml.num_peers, "an int >= 2 (peer 0 is the student)")
+  order = config.dml.update_order
+  _check(order in ("sequential", "simultaneous"), "dml.update_order", order,
+         "'sequential' (the paper's Algorithm 1) or 'simultaneous'")
+  _check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
+         config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
 
 
 def _validate_loss(config, method: str) -> None:
@@ -406,13 +428,16 @@ def resume_changes(saved: dict[str, Any], current: ml_collections.ConfigDict
 
   Returns ``(conflicts, accepted)``, each ``{key: (saved, current)}``:
   changes of keys that alter the run's meaning, and changes of
-  :data:`RESUMABLE_KEYS` (and of ``slkd.*`` for methods without SL-Ts).
+  :data:`RESUMABLE_KEYS` (and of ``slkd.*`` for methods without SL-Ts,
+  ``dml.*`` for methods other than DML).
   """
   now = flatten(json.loads(current.to_json_best_effort()))
   before = flatten(saved)
   free = RESUMABLE_KEYS
   if not methods.get(current.method).uses_slts:
     free += ("slkd",)
+  if not methods.get(current.method).peers:
+    free += ("dml",)
   conflicts, accepted = {}, {}
   for key in sorted(set(now) | set(before)):
     old, new = before.get(key), now.get(key)

@@ -14,6 +14,8 @@ method             teacher    SL-Ts  student objective (SL-Ts: Σ_j w_ce·CE + w
                                      learns from the *updated* SL-Ts' fusion
 ``teskd``          no         no     TESKD: backbone + 3 branches, one network
                                      (:mod:`slkd_jax.teskd`)
+``dml``            no         no     K peers (student + K−1 stacked in ``slts``),
+                                     each CE + mean_j KD_T(z_k, sg(z_j)) (Zhang)
 =================  =========  =====  ==============================================
 
 Loss weights and the temperature arrive as :class:`HParams` arrays, so a study
@@ -153,6 +155,9 @@ class Method:
       returns ``(loss, terms, new_buffers)``.
     student_archs: the student architectures the method can train (empty:
       any); checked by the config's validation.
+    peers: DML: the student is peer 0 and ``DistillState.slts`` holds peers
+      1..K−1 (the teacher's architecture), trained from scratch; no frozen
+      teacher, no fusion (``uses_slts`` stays False: it means SLKD's SL-Ts).
   """
   name: str
   uses_teacher: bool
@@ -169,6 +174,7 @@ class Method:
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
   init_buffers: Callable[..., dict[str, jax.Array]] | None = None
   student_archs: tuple[str, ...] = ()
+  peers: bool = False
 
   @property
   def features(self) -> bool:
@@ -192,6 +198,16 @@ def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):
   return _slkd_objective(logits, labels, mask, hp,
                          detach_fused_target=detach_fused_target,
                          teacher_term=False)
+
+
+def _dml_step(*args, **kwargs):
+  from slkd_jax import dml  # dml builds on train_step, which imports us
+  return dml.build_step(*args, **kwargs)
+
+
+def _dml_eval_logits(*args, **kwargs):
+  from slkd_jax import dml
+  return dml.eval_logits(*args, **kwargs)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -218,6 +234,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "(Li 2021)", eval_logits=teskd.eval_logits, returns_features=True,
            defaults=teskd.TESKD_DEFAULTS,
            student_archs=tuple(teskd.resnet_kuangliu.BACKBONE_OF)),
+    Method("dml", False, False, _ce_objective,
+           "deep mutual learning (Zhang 2018): K peers teach each other",
+           build_step=_dml_step, eval_logits=_dml_eval_logits, peers=True,
+           # The DML paper: CE + mean KL at T = 1, every dataset.
+           defaults={"temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0}),
 ]}
 
 

@@ -80,6 +80,12 @@ def _uses_slts(method: str | None) -> bool:
   return known is None or known.uses_slts
 
 
+def _uses_peers(method: str | None) -> bool:
+  """DML's peers (``config.dml``); unknown methods count as using them."""
+  known = methods.METHODS.get(method)
+  return known is None or known.peers
+
+
 class ConfigMismatchError(ValueError):
   """Runs of one stage differ in a config key that changes their meaning."""
 
@@ -185,6 +191,8 @@ def check_configs(runs: Sequence[StageRun],
     skip = tuple(ignore)
     if not any(_uses_slts((r.config or {}).get("method")) for r in group):
       skip += ("slkd",)  # unused by methods without SL-Ts
+    if not any(_uses_peers((r.config or {}).get("method")) for r in group):
+      skip += ("dml",)  # unused by methods other than DML
     keys = sorted({k for r in group for k in r.config or {}})
     differing = [k for k in keys if not _ignored(k, skip) and len(
         {_value(r, k) for r in group}) > 1]

@@ -60,6 +60,8 @@ class Stage:
     seed: the run's seed (initialisation and per-step randomness).
     dtype: the compute dtype name (``config.dtype``).
     image_size: the input's height and width.
+    options: the method's own config section (``config.<method>``, e.g.
+      ``dml.update_order``), empty if it has none.
   """
   method: methods.Method
   settings: types.SimpleNamespace
@@ -72,6 +74,7 @@ class Stage:
   seed: int
   dtype: str
   image_size: int
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -113,9 +116,10 @@ def resolve(config) -> Stage:
   """The :class:`Stage` of a (stage's) run config."""
   method = methods.get(config.method)
   settings = methods.loss_settings(config)
-  num_slts = config.slkd.num_slts if method.uses_slts else 0
+  num_slts = (config.slkd.num_slts if method.uses_slts else
+              config.dml.num_peers - 1 if method.peers else 0)
   fusion = ()
-  if num_slts:
+  if method.uses_slts:
     fusion = (tuple(float(w) for w in config.slkd.fusion_weights)
               if config.slkd.fusion_weights is not None
               else (1.0 / num_slts,) * num_slts)
@@ -130,7 +134,8 @@ def resolve(config) -> Stage:
       fusion_weights=fusion, ensemble=config.slkd.ensemble,
       detach_fused_target=bool(config.slkd.detach_fused_target),
       seed=config.seed, dtype=config.dtype,
-      image_size=config.data.image_size)
+      image_size=config.data.image_size,
+      options=dict(config.get(method.name, {})))
 
 
 def _build_networks(config, method: methods.Method, settings,
@@ -139,7 +144,8 @@ def _build_networks(config, method: methods.Method, settings,
   dtype = jnp.dtype(config.dtype)
   n = config.data.num_classes
   teacher = (models.create(config.teacher.arch, n, dtype)
-             if method.uses_teacher or method.uses_slts else None)
+             if method.uses_teacher or method.uses_slts or method.peers
+             else None)
   student = models.create(config.student.arch, n, dtype)
   modules = {}
   if method.make_modules is not None:
@@ -148,5 +154,6 @@ def _build_networks(config, method: methods.Method, settings,
   return Networks(
       student=student,
       teacher=teacher if method.uses_teacher else None,
-      slt=teacher if method.uses_slts else None,
+      # DML: peers 1..K-1 have the teacher's architecture (no teacher runs).
+      slt=teacher if method.uses_slts or method.peers else None,
       num_slts=num_slts, modules=modules)

@@ -288,6 +288,8 @@ def reference_recipe(pair: str, method: str) -> dict:
             **(MDISTILLER_CRD if method == "crd" else {})}
   if method == "ce":
     return {"ce_weight": 1.0}
+  if method == "dml":  # Zhang et al. 2018: CE + KL(p_j ‖ p_k), T = 1
+    return {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
   if method == "dkd":
     return {"ce_weight": 1.0, "dkd_alpha": 1.0, "temperature": 4.0,
             "dkd_warmup": 20.0,
