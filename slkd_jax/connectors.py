@@ -11,7 +11,8 @@
 
 Layers are :mod:`slkd_jax.models.layers`' PyTorch-faithful Conv/BatchNorm with
 PyTorch's *default* initialisation where mdistiller re-initialises nothing
-(ConvReg, VID), and mdistiller's own initialisation for OFD and ReviewKD. Parameter paths follow the PyTorch module paths with the naming rule
+(ConvReg, VID), and mdistiller's own initialisation for OFD and ReviewKD.
+Parameter paths follow the PyTorch module paths with the naming rule
 of :mod:`slkd_jax.models.registry` (``conv_reg.conv`` / ``conv_reg.bn``;
 ``regressors.0.2`` → ``regressors_0/2``).
 

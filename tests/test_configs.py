@@ -271,7 +271,8 @@ MDISTILLER_DKD_BETA = {
 # mdistiller's engine/cfg.py: CE 1 and the feature weight of each method.
 MDISTILLER_FEAT_WEIGHT = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0,
                           "rkd": 1.0, "pkt": 30000.0, "nst": 50.0,
-                          "kdsvd": 1.0, "vid": 1.0}
+                          "kdsvd": 1.0, "vid": 1.0, "ofd": 0.001,
+                          "reviewkd": 1.0}
 
 
 def reference_recipe(pair: str, method: str) -> dict:

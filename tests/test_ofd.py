@@ -21,7 +21,8 @@ SHAPES = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
 POOLED = 256
 
 
-# ---- input generators (verbatim from tests/goldens/gen_ofd_reviewkd_goldens.py)
+# ---- input generators (verbatim from
+# tests/goldens/gen_ofd_reviewkd_goldens.py)
 def make_outputs(rng, batch=B):
   """feats (>= 0), preact_feats (signed) and pooled_feat of one network."""
   preact = [rng.standard_normal((batch,) + s) for s in SHAPES]
@@ -70,7 +71,8 @@ def _connector_params(conv, bn):
   return {f"connectors_{i}_0": {"kernel": jnp.asarray(
               np.transpose(w, (2, 3, 1, 0)))}
           for i, w in enumerate(conv)} | {
-          f"connectors_{i}_1": {"scale": jnp.asarray(g), "bias": jnp.asarray(b)}
+          f"connectors_{i}_1": {"scale": jnp.asarray(g),
+                                "bias": jnp.asarray(b)}
           for i, (g, b) in enumerate(bn)}
 
 
@@ -113,8 +115,8 @@ def test_ofd_loss_and_gradients_match_mdistiller():
     _check_tensor(np.transpose(kernel, (3, 2, 0, 1)), pg[f"{i}.0.weight"])
     _check_tensor(g_params[f"connectors_{i}_1"]["scale"], pg[f"{i}.1.weight"])
     _check_tensor(g_params[f"connectors_{i}_1"]["bias"], pg[f"{i}.1.bias"])
-    _assert_close(np.asarray(updates["batch_stats"][f"connectors_{i}_1"]["var"]).sum(),
-                  golden["running_var_sums"][i])
+    var = np.asarray(updates["batch_stats"][f"connectors_{i}_1"]["var"])
+    _assert_close(var.sum(), golden["running_var_sums"][i])
 
 
 def test_padded_examples_do_not_change_the_loss_or_gradients():

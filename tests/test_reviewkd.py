@@ -19,7 +19,8 @@ SHAPES = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
 POOLED = 256
 
 
-# ---- input generators (verbatim from tests/goldens/gen_ofd_reviewkd_goldens.py)
+# ---- input generators (verbatim from
+# tests/goldens/gen_ofd_reviewkd_goldens.py)
 def make_outputs(rng, batch=B):
   """feats (>= 0), preact_feats (signed) and pooled_feat of one network."""
   preact = [rng.standard_normal((batch,) + s) for s in SHAPES]
@@ -99,7 +100,8 @@ def _abf_variables(abfs):
       params[f"abfs_{j}"]["att_conv_0"] = {"kernel": _hwio(p["att_w"]),
                                            "bias": jnp.asarray(p["att_b"])}
     stats[f"abfs_{j}"] = {
-        name: {"mean": jnp.zeros(len(p[bn][0])), "var": jnp.ones(len(p[bn][0]))}
+        name: {"mean": jnp.zeros(len(p[bn][0])),
+               "var": jnp.ones(len(p[bn][0]))}
         for name, bn in (("conv1_1", "bn1"), ("conv2_1", "bn2"))}
   return params, stats
 

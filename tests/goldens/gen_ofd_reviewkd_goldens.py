@@ -13,7 +13,8 @@ student features and every connector / ABF parameter, OFD's margins, and
 the BN running statistics, as a Python literal; also PyTorch's nearest
 interpolation indices on odd sizes.
 
-Usage: MDISTILLER_DIR=/tmp/mdref python tests/goldens/gen_ofd_reviewkd_goldens.py
+Usage:
+  MDISTILLER_DIR=/tmp/mdref python tests/goldens/gen_ofd_reviewkd_goldens.py
 """
 import os
 import sys
