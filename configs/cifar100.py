@@ -398,7 +398,8 @@ def get_config(arg: str | None = None):
   # mdistiller's DKD: CE weight 1, α 1, β per pair, T 4, 20 warm-up epochs.
   c.recipes = config_lib.recipes(temperature=4.0, ce_weight=0.1,
                                  kd_weight=0.9, dkd_beta=preset.dkd_beta,
-                                 dkd_warmup=20.0)
+                                 dkd_warmup=20.0,
+                                 pair=(preset.teacher, preset.student))
 
   c.log_every_steps = 100
   c.checkpoint_every_epochs = 10

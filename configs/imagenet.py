@@ -127,7 +127,8 @@ def get_config(arg: str | None = None):
   # Every stage runs with the recipe of its own method.
   c.recipes = config_lib.recipes(temperature=1.0, ce_weight=0.5,
                                  kd_weight=0.5, dkd_beta=preset.dkd_beta,
-                                 dkd_warmup=1.0)
+                                 dkd_warmup=1.0,
+                                 pair=(preset.teacher, preset.student))
 
   c.log_every_steps = 100
   # An ImageNet epoch is long (2,502 steps at batch 512, more for SLKD), so a

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Each method's loss settings for this dataset / pair (``set_recipes``);
   # every stage runs with the recipe of its own method.
-  c.recipes = recipes(temperature=4.0, ce_weight=0.1, kd_weight=0.9,
+  c.recipes = recipes(pair=("resnet32x4", "resnet8x4"), temperature=4.0,
+                      ce_weight=0.1, kd_weight=0.9,
                       dkd_beta=8.0, dkd_warmup=20.0)
   # Explicit overrides: None = the stage method's recipe; a value replaces
   # it in every stage (logged). ``--config.recipes.dkd.dkd_beta=6`` changes
@@ -162,8 +163,8 @@ def parse_preset(arg: str | None, presets, default_preset: str,
 
 
 def method_recipe(method: str, *, temperature: float, ce_weight: float,
-                  kd_weight: float, dkd_beta: float, dkd_warmup: float
-                  ) -> dict[str, Any]:
+                  kd_weight: float, dkd_beta: float, dkd_warmup: float,
+                  pair: tuple[str, str] | None = None) -> dict[str, Any]:
   """The reference's loss settings of ``method`` for one dataset and pair
   (docs/method.md §3).
 
@@ -172,11 +173,12 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
   SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
   The feature-based methods: mdistiller's CE 1, feature weight and method
-  settings (``Method.defaults``); ``dml``: the DML paper's CE 1, KL 1 at
-  T = 1 (docs/dml.md). Every recipe defines
-  every key of :data:`methods.LOSS_KEYS`.
+  settings (``Method.defaults``, and for the ``pair`` (teacher arch,
+  student arch) mdistiller's per-pair yaml values, ``Method.pair_defaults``);
+  ``dml``: the DML paper's CE 1, KL 1 at T = 1 (docs/dml.md). Every recipe
+  defines every key of :data:`methods.LOSS_KEYS`.
   """
-  methods.get(method)
+  row = methods.get(method)
   recipe = {"temperature": temperature, "ce_weight": ce_weight,
             "kd_weight": kd_weight, "fused_weight": 1.0,
             "fused_ce_weight": 1.0, "fused_kd_weight": 1.0,
@@ -187,13 +189,15 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
     recipe["ce_weight"] = 1.0
   # Methods ported from mdistiller and others: their reference CE and
   # feature weights and own settings (Method.defaults).
-  recipe.update(methods.get(method).defaults)
+  recipe.update(row.defaults)
+  recipe.update(row.pair_defaults.get(pair, {}))
   return recipe
 
 
 def recipes(**dataset_settings) -> ml_collections.ConfigDict:
   """``config.recipes``: :func:`method_recipe` of every method, one
-  sub-config each, for one dataset and pair (keyword arguments as there)."""
+  sub-config each, for one dataset and pair (keyword arguments as there,
+  ``pair`` included)."""
   tree = {}
   for name in methods.METHODS:
     recipe = method_recipe(name, **dataset_settings)
@@ -341,7 +345,7 @@ def _validate_loss(config, method: str) -> None:
 
 # Loss settings beyond "a non-negative number" (validate).
 _POSITIVE = frozenset({"temperature", "dkd_warmup", "p", "eps",
-                       "init_pred_var", "nce_t"})
+                       "init_pred_var", "nce_t", "warmup_epochs"})
 _INTS = {"hint_layer": 0, "k": 1, "nce_k": 1, "feat_dim": 1}
 _FRACTIONS = frozenset({"nce_momentum"})
 _CHOICES = {"mode": crd.CONTRAST_MODES}

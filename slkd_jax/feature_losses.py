@@ -1,8 +1,9 @@
 """Feature-based distillation losses of mdistiller's CIFAR-100 baselines.
 
-FitNet, AT, SP, RKD, PKT, NST, KDSVD and VID, each as mdistiller computes it
-(``mdistiller/distillers/*.py``): same tensors, reductions, epsilons and
-detaches; the trainable connectors (FitNet's ConvReg, VID's regressors) are in
+FitNet, AT, SP, RKD, PKT, NST, KDSVD, VID, OFD and ReviewKD, each as
+mdistiller computes it (``mdistiller/distillers/*.py``): same tensors,
+reductions, epsilons and detaches; the trainable connectors (FitNet's ConvReg,
+VID's regressors, OFD's conv-BN connectors, ReviewKD's ABFs) are in
 :mod:`slkd_jax.connectors`. Pure functions of features (never of models).
 
 Layout: feature maps are NHWC (mdistiller's are NCHW), pooled features
@@ -21,16 +22,19 @@ of the smaller real batch, and padded examples get zero gradient. Per-example
 reductions become masked means; the batch-coupled losses (SP, RKD, PKT) drop
 the padded rows *and* columns of their batch × batch matrices.
 
-None of these methods has a warm-up in mdistiller (unlike DKD): the feature
-loss is on from the first iteration.
+None of these methods but ReviewKD has a warm-up in mdistiller: the feature
+loss is on from the first iteration. ReviewKD's ``min(epoch / WARMUP_EPOCHS,
+1)`` factor is applied by its term (:mod:`slkd_jax.feature_methods`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import chex
 import jax
+import jax.scipy.special
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,7 +70,49 @@ FEATURE_DEFAULTS: dict[str, dict] = {
     # FEAT 1.0.
     "vid": dict(ce_weight=1.0, feat_weight=1.0, init_pred_var=5.0, eps=1e-5,
                 input_size=(32, 32)),
+    # CFG.OFD: CE 1.0, FEAT 0.001 (the OFD code's "/ 1000"),
+    # CONNECTOR.KERNEL_SIZE 1 (the only size our connector builds).
+    "ofd": dict(ce_weight=1.0, feat_weight=0.001),
+    # CFG.REVIEWKD: CE_WEIGHT 1.0, REVIEWKD_WEIGHT 1.0 (5.0 in
+    # configs/cifar100/reviewkd.yaml for resnet32x4 -> resnet8x4: see
+    # connectors.reviewkd_pair_settings), WARMUP_EPOCHS 20, STU_PREACT False
+    # (0/1 here: recipe values are numbers). SHAPES, OUT_SHAPES, IN_CHANNELS
+    # and OUT_CHANNELS follow from the pair (connectors.reviewkd_spec).
+    "reviewkd": dict(ce_weight=1.0, feat_weight=1.0, warmup_epochs=20.0,
+                     stu_preact=0),
 }
+
+#: mdistiller's per-pair overrides of :data:`FEATURE_DEFAULTS` (its yaml
+#: files), keyed by (method, teacher, student) in our registry's names.
+FEATURE_PAIR_OVERRIDES: dict[tuple[str, str, str], dict] = {
+    # configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5.0.
+    ("reviewkd", "resnet32x4", "resnet8x4"): dict(feat_weight=5.0),
+    # configs/imagenet/r34_r18/reviewkd.yaml.
+    ("reviewkd", "imagenet_resnet34", "imagenet_resnet18"): dict(
+        feat_weight=1.0, warmup_epochs=1.0, stu_preact=1),
+    # configs/imagenet/r50_mv1/reviewkd.yaml.
+    ("reviewkd", "imagenet_resnet50", "imagenet_mobilenetv1"): dict(
+        feat_weight=8.0, warmup_epochs=1.0, stu_preact=1),
+    # configs/imagenet/r50_mv1/ofd.yaml: FEAT_WEIGHT 0.0001.
+    ("ofd", "imagenet_resnet50", "imagenet_mobilenetv1"): dict(
+        feat_weight=1e-4),
+}
+
+
+def pair_settings(method: str, teacher_arch: str, student_arch: str
+                  ) -> dict:
+  """``method``'s loss settings for one pair: :data:`FEATURE_DEFAULTS`
+  with mdistiller's per-pair yaml overrides (:data:`FEATURE_PAIR_OVERRIDES`)
+  applied; e.g. ReviewKD's weight 5 for resnet32x4 → resnet8x4."""
+  settings = dict(FEATURE_DEFAULTS[method])
+  settings.update(FEATURE_PAIR_OVERRIDES.get(
+      (method, teacher_arch, student_arch), {}))
+  return settings
+
+
+def reviewkd_pair_settings(teacher_arch: str, student_arch: str) -> dict:
+  """ReviewKD's loss settings for one pair (:func:`pair_settings`)."""
+  return pair_settings("reviewkd", teacher_arch, student_arch)
 
 
 # ---------------------------------------------------------------------------
@@ -84,9 +130,12 @@ def select_features(method: str, outputs, hint_layer: int = 2):
 
   Returns:
     fitnet: ``feats[hint_layer]``; at/nst/kdsvd/vid: ``feats[1:]``;
-    sp: ``[feats[-1]]``; rkd/pkt: ``pooled_feat``.
+    sp: ``[feats[-1]]``; rkd/pkt: ``pooled_feat``; ofd: ``preact_feats[1:]``
+    (ReviewKD's levels: :func:`slkd_jax.connectors.reviewkd_levels`).
   """
   feats, pooled = list(outputs.feats), outputs.pooled_feat
+  if method == "ofd":
+    return list(outputs.preact_feats)[1:]
   if method == "fitnet":
     return feats[hint_layer]
   if method in ("at", "nst", "kdsvd", "vid"):
@@ -469,3 +518,131 @@ def kdsvd_loss(feats_s: Sequence[jax.Array], feats_t: Sequence[jax.Array],
     return jnp.zeros((), _promote(feats_s[0]).dtype)
   w, n = _batch_weights(mask, per_example.shape[0], per_example.dtype)
   return jnp.sum(per_example * w) / n
+
+
+# ---------------------------------------------------------------------------
+# OFD (Heo et al. 2019, "A Comprehensive Overhaul of Feature Distillation").
+
+
+def ofd_margin(scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """OFD's margin per channel from the teacher's BatchNorm before the ReLU.
+
+  The pre-ReLU response is taken as N(β, |γ|²); the margin is the expected
+  value of its negative part, E[x | x < 0] = β − |γ|·φ(β/|γ|) / Φ(−β/|γ|),
+  or −3|γ| when Φ(−β/|γ|) ≤ 0.001 (mdistiller ``init_ofd_modules``).
+  mdistiller computes it in float64 and stores a float32 tensor, so the
+  result is rounded to float32 (then returned in float32, or float64 under
+  float64). A constant: no gradient flows to the teacher.
+  """
+  s = jnp.abs(_teacher(scale))
+  m = _teacher(bias)
+  ratio = m / s
+  cdf = jax.scipy.special.ndtr(-ratio)
+  safe_cdf = jnp.where(cdf > 0.001, cdf, 1.0)
+  expected = (-s * jnp.exp(-jnp.square(ratio) / 2.0) / math.sqrt(2 * math.pi)
+              / safe_cdf + m)
+  margin = jnp.where(cdf > 0.001, expected, -3.0 * s)
+  return margin.astype(jnp.float32).astype(s.dtype)
+
+
+def ofd_partial_l2(source: jax.Array, target: jax.Array, margin: jax.Array,
+                   mask: jax.Array | None = None) -> jax.Array:
+  """OFD's partial L2 distance of one stage (mdistiller ``feat_loss``).
+
+  Per element: (s − m)² where s > m ≥ t (the teacher's response is
+  negative-saturated: only pull the student down to the margin), (s − t)²
+  where s > t > m and t ≤ 0, and (s − t)² wherever t > 0; summed over
+  (H, W, C) and averaged over the (real) examples.
+
+  Args:
+    source: the connector's output (NHWC).
+    target: the teacher's feature, the same shape (already pooled).
+    margin: ``[C]`` (:func:`ofd_margin`).
+  """
+  chex.assert_equal_shape([source, target])
+  s, t = _promote(source), _teacher(target)
+  m = jax.lax.stop_gradient(margin.astype(s.dtype))
+  loss = (jnp.square(s - m) * ((s > m) & (t <= m))
+          + jnp.square(s - t) * ((s > t) & (t > m) & (t <= 0))
+          + jnp.square(s - t) * (t > 0))
+  per_example = jnp.sum(jnp.abs(loss).reshape(loss.shape[0], -1), axis=1)
+  return masked_mean(per_example, mask)
+
+
+def ofd_loss(regressed_s: Sequence[jax.Array], feats_t: Sequence[jax.Array],
+             margins: Sequence[jax.Array], mask: jax.Array | None = None
+             ) -> jax.Array:
+  """OFD's distillation loss (mdistiller ``OFD.ofd_loss``), unweighted.
+
+  Σ_i partial_L2(connector_i(s_i), pool(t_i), margin_i) / 2^(n−i−1): the
+  deepest stage has weight 1, each shallower one half the next. The teacher
+  map is adaptive-average-pooled to the student's spatial size.
+  mdistiller feeds ``preact_feats[1:]`` of both (aligned to the last
+  ``min`` of their lengths) and multiplies by FEAT_WEIGHT 1e-3 (the
+  reference code's ``/ 1000``).
+  """
+  regressed_s, feats_t = _as_list(regressed_s), _as_list(feats_t)
+  n = len(regressed_s)
+  if not n == len(feats_t) == len(margins):
+    raise ValueError(f"ofd_loss: {n} student, {len(feats_t)} teacher features "
+                     f"and {len(margins)} margins")
+  total = 0.0
+  for i, (f_s, f_t, margin) in enumerate(zip(regressed_s, feats_t, margins)):
+    f_t = adaptive_avg_pool(_teacher(f_t), f_s.shape[1:3])
+    total = total + ofd_partial_l2(f_s, f_t, margin, mask) / 2**(n - i - 1)
+  return total
+
+
+# ---------------------------------------------------------------------------
+# ReviewKD (Chen et al. 2021, "Distilling Knowledge via Knowledge Review").
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """PyTorch's ``F.interpolate(mode="nearest")`` source index per output.
+
+  ``min(floor(dst · scale), n_in − 1)`` with ``scale = n_in / n_out``
+  computed in float32, as ATen's ``nearest_idx`` (identity when the sizes
+  are equal, ``dst >> 1`` when doubling — the same numbers).
+  """
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, n_in - 1)
+
+
+def nearest_resize(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """``F.interpolate(x, out_hw, mode="nearest")`` on an NHWC tensor."""
+  (h, w), (oh, ow) = x.shape[1:3], out_hw
+  if (h, w) == (oh, ow):
+    return x
+  x = jnp.take(x, jnp.asarray(nearest_indices(h, oh)), axis=1)
+  return jnp.take(x, jnp.asarray(nearest_indices(w, ow)), axis=2)
+
+
+def _mse(a: jax.Array, b: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """``F.mse_loss(a, b)`` over the real examples (same-shaped maps)."""
+  return masked_mean(_per_example_mean(jnp.square(a - b)), mask)
+
+
+def hcl_loss(feats_s: Sequence[jax.Array], feats_t: Sequence[jax.Array],
+             mask: jax.Array | None = None) -> jax.Array:
+  """ReviewKD's hierarchical context loss (mdistiller ``hcl_loss``).
+
+  Per level: (MSE + Σ_l 2^−k · MSE(pool_l(s), pool_l(t))) / (1 + Σ_k 2^−k)
+  over the pyramid sizes l = 4, 2, 1 smaller than the map's height (the
+  k-th used size weighs 2^−k), adaptive average pooling; summed over levels.
+  Unweighted: mdistiller multiplies by REVIEWKD_WEIGHT and the warm-up.
+  """
+  total = 0.0
+  for f_s, f_t in zip(_as_list(feats_s), _as_list(feats_t), strict=True):
+    chex.assert_equal_shape([f_s, f_t])
+    f_s, f_t = _promote(f_s), _teacher(f_t)
+    loss, weight, tot = _mse(f_s, f_t, mask), 1.0, 1.0
+    for size in (4, 2, 1):
+      if size >= f_s.shape[1]:
+        continue
+      weight /= 2.0
+      loss = loss + weight * _mse(adaptive_avg_pool(f_s, (size, size)),
+                                  adaptive_avg_pool(f_t, (size, size)), mask)
+      tot += weight
+    total = total + loss / tot
+  return total

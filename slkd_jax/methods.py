@@ -140,6 +140,9 @@ class Method:
       embeddings), trained with the student's optimiser.
     module_inputs: ``f(name, student, teacher, settings, image_size) ->
       (args, kwargs)`` that initialise module ``name``.
+    pair_defaults: per (teacher arch, student arch): the reference's
+      settings for that pair over :attr:`defaults` (mdistiller's per-pair
+      yaml files, e.g. ReviewKD's weight 5 for resnet32x4 → resnet8x4).
     build_step: a method whose update is not "one gradient of the summed
       loss" supplies its own pure step builder ``f(config, nets, tx,
       settings) -> step`` with the signature of
@@ -170,6 +173,8 @@ class Method:
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
   make_modules: Callable[..., dict] | None = None
   module_inputs: Callable[..., tuple] | None = None
+  pair_defaults: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(
+      default_factory=dict)
   build_step: Callable[..., Callable] | None = None
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
   init_buffers: Callable[..., dict[str, jax.Array]] | None = None
@@ -191,7 +196,9 @@ def _feature_row(f: feature_methods.FeatureMethod) -> Method:
                            if k != "input_size"},
       make_modules=functools.partial(feature_methods.make_modules, f.name),
       module_inputs=functools.partial(feature_methods.module_example_inputs,
-                                      f.name))
+                                      f.name),
+      pair_defaults={(t, s): v for (m, t, s), v in
+                     fl.FEATURE_PAIR_OVERRIDES.items() if m == f.name})
 
 
 def _slt_only(logits, labels, mask, hp, *, detach_fused_target, **_):

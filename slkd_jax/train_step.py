@@ -160,16 +160,25 @@ def build_train_step(stage: Stage
   if method.build_step is not None:
     return method.build_step(stage)
 
-  def teacher_outputs(teacher: ModelState | None, images):
+  # OFD's reference puts the teacher in train mode with the rest (batch
+  # statistics; its updated running statistics are never read): discarded.
+  teacher_train = (method.feature is not None
+                   and method.feature.teacher_train_mode)
+
+  def teacher_outputs(teacher: ModelState | None, images, mask):
     if nets.teacher is None:
       return None
-    return jax.lax.stop_gradient(
-        nets.teacher.apply(teacher.variables, images, train=False,
-                           features=method.features))
+    if teacher_train:
+      out, _ = _apply_train(nets.teacher, teacher.params, teacher.batch_stats,
+                            images, mask, method.features)
+    else:
+      out = nets.teacher.apply(teacher.variables, images, train=False,
+                               features=method.features)
+    return jax.lax.stop_gradient(out)
 
   def joint_step(state: DistillState, teacher, batch, hp):
     images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t, t_features = _split(teacher_outputs(teacher, images))
+    z_t, t_features = _split(teacher_outputs(teacher, images, mask))
     slts = state.slts
 
     def loss_fn(params):
@@ -226,7 +235,7 @@ def build_train_step(stage: Stage
     """SLKD*: update the SL-Ts on L_SLT, then the student on the fusion of
     the *updated* SL-Ts (forward on the same batch, gradient stopped)."""
     images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t = teacher_outputs(teacher, images)
+    z_t = teacher_outputs(teacher, images, mask)
     slts = state.slts
 
     def slt_loss_fn(slt_params):

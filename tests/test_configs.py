@@ -276,7 +276,8 @@ MDISTILLER_DKD_BETA = {
 # mdistiller's engine/cfg.py: CE 1 and the feature weight of each method.
 MDISTILLER_FEAT_WEIGHT = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0,
                           "rkd": 1.0, "pkt": 30000.0, "nst": 50.0,
-                          "kdsvd": 1.0, "vid": 1.0, "crd": 0.8}
+                          "kdsvd": 1.0, "vid": 1.0, "crd": 0.8, "ofd": 0.001,
+                          "reviewkd": 1.0}
 # mdistiller's CFG.CRD (engine/cfg.py).
 MDISTILLER_CRD = {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
                   "nce_momentum": 0.5, "mode": "exact"}
@@ -284,7 +285,10 @@ MDISTILLER_CRD = {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
 
 def reference_recipe(pair: str, method: str) -> dict:
   if method in MDISTILLER_FEAT_WEIGHT:
-    return {"ce_weight": 1.0, "feat_weight": MDISTILLER_FEAT_WEIGHT[method],
+    # configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5.0 for its one pair.
+    weight = (5.0 if (method, pair) == ("reviewkd", "resnet32x4-resnet8x4")
+              else MDISTILLER_FEAT_WEIGHT[method])
+    return {"ce_weight": 1.0, "feat_weight": weight,
             **(MDISTILLER_CRD if method == "crd" else {})}
   if method == "ce":
     return {"ce_weight": 1.0}

@@ -443,8 +443,11 @@ def test_feature_defaults_are_mdistillers():
   d = fl.FEATURE_DEFAULTS
   assert {k: v["feat_weight"] for k, v in d.items()} == {
       "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0,
-      "pkt": 30000.0, "nst": 50.0, "kdsvd": 1.0, "vid": 1.0}
+      "pkt": 30000.0, "nst": 50.0, "kdsvd": 1.0, "vid": 1.0, "ofd": 0.001,
+      "reviewkd": 1.0}
   assert all(v["ce_weight"] == 1.0 for v in d.values())
+  assert (d["reviewkd"]["warmup_epochs"], d["reviewkd"]["stu_preact"]) == (
+      20, 0)
   assert d["fitnet"]["hint_layer"] == 2 and d["at"]["p"] == 2
   assert (d["rkd"]["distance_weight"], d["rkd"]["angle_weight"],
           d["rkd"]["pdist_eps"], d["rkd"]["pdist_squared"]) == (

@@ -87,7 +87,7 @@ def test_method_trains_in_the_step_and_lowers_its_loss(method, digits_batch):
     assert max(jax.tree.leaves(moved)) > 0
 
 
-@pytest.mark.parametrize("method", ["fitnet", "rkd", "vid", "sp"])
+@pytest.mark.parametrize("method", ["fitnet", "rkd", "vid", "sp", "ofd"])
 def test_one_and_eight_devices_agree(method, digits_batch):
   # float64, so that the all-reduce's other summation order (~1e-5 in
   # float32 after two steps with feat weight 100) cannot hide a real
@@ -115,10 +115,12 @@ def test_connector_parameters_are_counted_as_extra():
   assert shapes["bn"]["scale"] == (32,)
 
 
-def test_resume_with_a_connector_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("method", ["fitnet", "reviewkd"])
+def test_resume_with_a_connector_is_bit_identical(tmp_path, method):
+  # ReviewKD also checks that its warm-up (hp.epoch) resumes with the run.
   def config(num_epochs):
     c = config_lib.base_config()
-    c.method = "fitnet"
+    c.method = method
     c.data.name = "synthetic"
     c.data.image_size = 8
     c.data.num_classes = 5
@@ -135,8 +137,8 @@ def test_resume_with_a_connector_is_bit_identical(tmp_path):
   train.run(config(1), str(tmp_path / "parts"))
   resumed = train.run(config(2), str(tmp_path / "parts"))
   jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(whole["fitnet"].state.modules),
-               jax.device_get(resumed["fitnet"].state.modules))
+               jax.device_get(whole[method].state.modules),
+               jax.device_get(resumed[method].state.modules))
   jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(whole["fitnet"].state.student),
-               jax.device_get(resumed["fitnet"].state.student))
+               jax.device_get(whole[method].state.student),
+               jax.device_get(resumed[method].state.student))
