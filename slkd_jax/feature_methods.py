@@ -32,7 +32,7 @@ class TermContext:
   """What a feature term may read besides the features: the step's
   :class:`~slkd_jax.methods.HParams` (``hp.epoch`` for warm-ups), the
   frozen teacher's :class:`~slkd_jax.state.ModelState` and the run's
-  :class:`~slkd_jax.state.Networks`."""
+  :class:`~slkd_jax.stage.Networks`."""
   hp: Any = None
   teacher: Any = None
   networks: Any = None

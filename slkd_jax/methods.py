@@ -127,7 +127,7 @@ class Method:
       (:func:`loss_settings`), ``modules`` the method's trainable modules
       bound to their current parameters (name → callable), ``teacher`` the
       frozen teacher's :class:`~slkd_jax.state.ModelState` (or None) and
-      ``networks`` the run's :class:`~slkd_jax.state.Networks`.
+      ``networks`` the run's :class:`~slkd_jax.stage.Networks`.
     description: one line for ``--help`` and errors.
     feature: the feature-based method (:mod:`slkd_jax.feature_methods`),
       if the row is one.
@@ -158,6 +158,10 @@ class Method:
       returns ``(loss, terms, new_buffers)``.
     student_archs: the student architectures the method can train (empty:
       any); checked by the config's validation.
+    deployed_model: ``f(variables, arch) -> (variables, arch)``: the network
+      the method deploys from the trained student (TESKD: the backbone
+      without its branches), saved as the stage's model artifacts; None:
+      the student as it is.
     peers: DML: the student is peer 0 and ``DistillState.slts`` holds peers
       1..K−1 (the teacher's architecture), trained from scratch; no frozen
       teacher, no fusion (``uses_slts`` stays False: it means SLKD's SL-Ts).
@@ -179,6 +183,7 @@ class Method:
   eval_logits: Callable[..., dict[str, jax.Array]] | None = None
   init_buffers: Callable[..., dict[str, jax.Array]] | None = None
   student_archs: tuple[str, ...] = ()
+  deployed_model: Callable[..., tuple[dict, str]] | None = None
   peers: bool = False
 
   @property
@@ -240,7 +245,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "TESKD: a backbone taught by its own hierarchical branches "
            "(Li 2021)", eval_logits=teskd.eval_logits, returns_features=True,
            defaults=teskd.TESKD_DEFAULTS,
-           student_archs=tuple(teskd.resnet_kuangliu.BACKBONE_OF)),
+           student_archs=tuple(teskd.resnet_kuangliu.BACKBONE_OF),
+           deployed_model=teskd.deployed_model),
     Method("dml", False, False, _ce_objective,
            "deep mutual learning (Zhang 2018): K peers teach each other",
            build_step=_dml_step, eval_logits=_dml_eval_logits, peers=True,

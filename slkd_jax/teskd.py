@@ -24,14 +24,13 @@ logits: b1 is the *deepest* head (``fc_b3``), see the model module.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import artifact, errors, losses, models
+from slkd_jax import errors, losses, models
 from slkd_jax.models import resnet_kuangliu
 
 #: TESKD's loss settings (official main.py defaults, whatever the dataset):
@@ -181,22 +180,10 @@ def export_backbone(variables: dict[str, Any], arch: str) -> dict[str, Any]:
           for col in ("params", "batch_stats")}
 
 
-def save_backbone(path: str, variables: dict[str, Any], arch: str,
-                  num_classes: int, **info: Any) -> str:
-  """Write the backbone of TESKD model ``arch`` as a standalone
-  :mod:`slkd_jax.artifact` (usable as any method's teacher)."""
-  return artifact.save(path, export_backbone(variables, arch),
-                       arch=backbone_arch(arch), num_classes=num_classes,
-                       **info)
-
-
-def export_artifact(src: str, dst: str) -> str:
-  """A TESKD run's model artifact (``<stage>/best_model``) → its backbone
-  artifact at ``dst``."""
-  variables, meta = artifact.load(src)
-  info = {k: v for k, v in meta.items()
-          if k not in ("format", "version", "arch", "num_classes", "dtype",
-                       "num_params")}
-  return save_backbone(os.fspath(dst), variables, meta["arch"],
-                       meta["num_classes"], exported_from=os.path.abspath(src),
-                       **info)
+def deployed_model(variables: dict[str, Any], arch: str
+                   ) -> tuple[dict[str, Any], str]:
+  """``Method.deployed_model``: a TESKD run deploys its backbone alone
+  (heads dropped, names unchanged), so the stage's ``best_model/`` and
+  ``final_model/`` are ``cifar_resnet18`` / ``cifar_resnet34`` artifacts that
+  any method can use as its teacher."""
+  return export_backbone(variables, arch), backbone_arch(arch)

@@ -263,9 +263,12 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
 
 
 def _save_model(loop: _Loop, state, name: str, epoch: int, record) -> None:
-  """The stage's trained network alone (loadable as a teacher)."""
-  artifact.save(os.path.join(loop.stage_dir, name), state.student.variables,
-                arch=loop.config.student.arch,
+  """The stage's trained network alone (loadable as a teacher): the
+  student, or what its method deploys from it (TESKD: the backbone)."""
+  variables, arch = state.student.variables, loop.config.student.arch
+  if loop.stage.method.deployed_model is not None:
+    variables, arch = loop.stage.method.deployed_model(variables, arch)
+  artifact.save(os.path.join(loop.stage_dir, name), variables, arch=arch,
                 num_classes=loop.config.data.num_classes,
                 source={"stage": loop.name, "method": loop.config.method,
                         "epoch": epoch},

@@ -9,6 +9,7 @@ hash, an eval- and a train-mode forward of cifarresnet18 with deterministic
 weights, and utils.train's loss on the TESKD specification's worked example).
 """
 
+import dataclasses
 import hashlib
 import zlib
 
@@ -267,25 +268,17 @@ def test_forward_matches_the_official_model(r18_variables, x64):
   _check_fingerprint(_outputs(out), FORWARD["train"])
 
 
-def test_exported_backbone_gives_the_backbone_logits(r18_variables, x64,
-                                                     tmp_path):
-  path = teskd.save_backbone(str(tmp_path / "bb"), r18_variables,
-                             "teskd_cifar_resnet18", 100, epoch=3)
-  variables, meta = artifact.load(path)
-  assert meta["arch"] == "cifar_resnet18" and meta["epoch"] == 3
-  assert meta["num_params"] == 11_220_132
+def test_deployed_backbone_gives_the_backbone_logits(r18_variables, x64):
+  variables, arch = methods.get("teskd").deployed_model(
+      r18_variables, "teskd_cifar_resnet18")
+  assert arch == "cifar_resnet18"
+  assert count_params(variables["params"]) == 11_220_132
   x = jnp.asarray(images(2, 0).transpose(0, 2, 3, 1))
   full = models.create("teskd_cifar_resnet18", 100, jnp.float64).apply(
       r18_variables, x, train=False)
   alone = models.create("cifar_resnet18", 100, jnp.float64).apply(
       variables, x, train=False)
   np.testing.assert_array_equal(np.asarray(alone), np.asarray(full))
-  # From a TESKD run's model artifact (what training writes).
-  src = artifact.save(str(tmp_path / "run"), r18_variables,
-                      arch="teskd_cifar_resnet18", num_classes=100)
-  again, meta = artifact.load(teskd.export_artifact(src, tmp_path / "bb2"))
-  assert meta["arch"] == "cifar_resnet18"
-  jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
 def test_converter_reads_official_names_and_infers_classes():
@@ -549,3 +542,33 @@ def test_reported_best_is_over_the_epochs_after_E():
   assert best == (78.9, 152, 78.9)
   assert train.reported_history(history, 0) == history
   assert train.reported_history(history[:2], 150) == history[:2]  # short run
+
+
+def test_a_teskd_stage_reports_branches_and_deploys_its_backbone(
+    tmp_path, monkeypatch):
+  backbone = "teskd_test_tiny_backbone"
+  monkeypatch.setitem(
+      models.registry._REGISTRY, backbone,  # pylint: disable=protected-access
+      models.ModelInfo(backbone, lambda num_classes, dtype: rk.KuangliuResNet(
+          (1, 1, 1, 1), num_classes, width=4, teskd=False, dtype=dtype),
+          32, 100))
+  monkeypatch.setitem(rk.BACKBONE_OF, TINY, backbone)
+  monkeypatch.setitem(methods.METHODS, "teskd", dataclasses.replace(
+      methods.get("teskd"), student_archs=(TINY,)))
+  c = config_lib.base_config()
+  c.method, c.student.arch = "teskd", TINY
+  c.data.name, c.data.num_classes = "synthetic", 10
+  c.data.num_train, c.data.num_test = 32, 16
+  c.batch_size = c.eval_batch_size = 16
+  c.num_epochs = 1
+  result = train.run(c, str(tmp_path))["teskd"]
+  record = result.history[-1]
+  assert {"student/top1", "branch_1/top1", "branch_2/top1",
+          "branch_3/top1"} <= set(record)
+  variables, meta = artifact.load(str(tmp_path / "teskd" / "best_model"))
+  assert meta["arch"] == backbone
+  x = jnp.zeros((2, 32, 32, 3))
+  np.testing.assert_allclose(
+      models.create(backbone, 10).apply(variables, x, train=False),
+      models.create(TINY, 10).apply(result.state.student.variables, x,
+                                    train=False), rtol=1e-6)
