@@ -1,0 +1,479 @@
+"""One command for a paper table: pairs × rows × seeds → ``table.md``.
+
+  python -m slkd_jax.table --config=configs/tables/digits.py --workdir=DIR
+  python -m slkd_jax.table --config=configs/tables/slkd_table1.py \\
+      --workdir=DIR --dry-run [--no-measure]
+
+A table config (``configs/tables/*.py``) names a preset file (``presets``:
+any config file whose ``get_config('PAIR,METHOD')`` builds a run, such as
+``configs/cifar100.py``), the ``pairs`` (columns), the ``rows`` (methods,
+or ``variants``: a method with config overrides, such as SLKD with K = 3),
+the ``seeds`` and ``overrides`` applied to every run. Each (row, pair, seed)
+is one run of ``slkd_jax.train`` in ``DIR/runs/<pair>/<row>/seed_<s>``; the
+teacher of every architecture is trained once in ``DIR/teachers/<arch>``
+(or taken from ``teachers``: converted checkpoints) and shared by every run
+that distils from it. Finished runs are skipped, unfinished ones resume
+(``train.run`` resumes from the latest checkpoint), so the command can be
+stopped (SIGTERM/SIGINT: exit 75) and rerun at any point without losing
+work. After every run it rewrites ``DIR/table.md`` (rows = rows, columns =
+pairs, mean ± std of the best-epoch top-1 over the finished seeds, the
+paper's number and the difference, links to the runs; then the same for the
+last epoch), ``table.csv`` and ``table.json`` (every run's numbers), and
+prints a progress line over the whole table.
+
+The runs of a table execute one after the other; R seeds of one cell in one
+compiled program (a leading run axis) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from slkd_jax import config as config_lib
+from slkd_jax import errors, metrics, methods
+
+#: Training-set sizes (images one epoch trains on), for the estimates.
+TRAIN_EXAMPLES = {"cifar100": 50_000, "imagenet2012": 1_281_167,
+                  "digits": 1_437}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of the table: ``row`` (its label) on ``pair`` with ``seed``."""
+  row: str
+  method: str
+  pair: str
+  seed: int
+  config: ml_collections.ConfigDict
+  workdir: str
+  paper: float | None
+
+
+def table_config(*, title: str, presets: str, pairs: Sequence[str],
+                 rows: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
+                 variants: dict | None = None, overrides: dict | None = None,
+                 teachers: dict | None = None, teacher_seed: int = 0
+                 ) -> ml_collections.ConfigDict:
+  """A table config (what ``configs/tables/*.py`` return).
+
+  Args:
+    title: the heading of ``table.md``.
+    presets: the preset file whose ``get_config('PAIR,METHOD')`` builds a
+      run (and whose ``paper_top1(pair, method)``, if any, gives the
+      paper's numbers).
+    pairs: the columns (preset names).
+    rows: method names or keys of ``variants``.
+    seeds: every cell's seeds.
+    variants: ``{label: {'method': m, 'overrides': {...}, 'paper': {pair:
+      top-1}}}``: a row that runs ``m`` with config overrides.
+    overrides: nested config values set on every run (and teacher).
+    teachers: teacher architecture → checkpoint, instead of training it.
+    teacher_seed: the seed of the teachers the table trains.
+  """
+  return ml_collections.ConfigDict({
+      "title": title, "presets": presets, "pairs": tuple(pairs),
+      "rows": tuple(rows), "seeds": tuple(seeds), "variants": variants or {},
+      "overrides": overrides or {}, "teachers": teachers or {},
+      "teacher_seed": teacher_seed})
+
+
+def load_presets(path: str):
+  """The preset module at ``path`` (a ``configs/*.py`` file)."""
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"presets={path!r}: no such file (give a "
+                             f"config file such as configs/cifar100.py)")
+  spec = importlib.util.spec_from_file_location(
+      f"slkd_table_presets_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                    where: str) -> None:
+  """Set nested ``overrides`` (``{'teacher': {'num_epochs': 1}}``) on
+  ``config``; an unknown key is a :class:`~slkd_jax.errors.ConfigError`."""
+  for key, value in overrides.items():
+    if key not in config:
+      raise errors.ConfigError(
+          f"{where}: the run config has no key {key!r}"
+          f"{config_lib.did_you_mean(key, list(config.keys()))}")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      apply_overrides(config[key], dict(value), f"{where}.{key}")
+    else:
+      config[key] = value
+
+
+def _row(spec, label: str) -> tuple[str, dict, dict]:
+  """``(method, overrides, paper numbers by pair)`` of row ``label``."""
+  variants = spec.get("variants", {}) or {}
+  if label in variants:
+    variant = variants[label]
+    return (variant["method"], dict(variant.get("overrides", {}) or {}),
+            dict(variant.get("paper", {}) or {}))
+  if label not in methods.METHODS:
+    raise errors.ConfigError(
+        f"rows: {label!r} is neither a method nor a key of variants"
+        f"{config_lib.did_you_mean(label, [*methods.METHODS, *variants])}")
+  return label, {}, {}
+
+
+def plan(spec, workdir: str) -> list[Run]:
+  """Every run of the table, its config built and validated (nothing
+  trains): rows × pairs × seeds, in that order."""
+  presets = load_presets(spec.presets)
+  paper_top1 = getattr(presets, "paper_top1", None)
+  runs = []
+  for label in spec.rows:
+    method, row_overrides, row_paper = _row(spec, label)
+    for pair in spec.pairs:
+      paper = row_paper.get(pair)
+      if paper is None and paper_top1 is not None:
+        paper = paper_top1(pair, method)
+      for seed in spec.seeds:
+        c = presets.get_config(f"{pair},{method}")
+        c.compare_with = ()
+        apply_overrides(c, dict(spec.get("overrides", {}) or {}), "overrides")
+        apply_overrides(c, row_overrides, f"variants.{label}.overrides")
+        c.seed = int(seed)
+        config_lib.validate(c)
+        runs.append(Run(label, method, pair, int(seed), c,
+                        os.path.join(workdir, "runs", pair, label,
+                                     f"seed_{seed}"), paper))
+  return runs
+
+
+def teacher_config(run: Run) -> ml_collections.ConfigDict:
+  """The config that trains ``run``'s teacher (its teacher stage, seed
+  ``teacher_seed``, alone)."""
+  return config_lib.stage_config(run.config, config_lib.TEACHER_STAGE)
+
+
+def _needs_teacher(run: Run) -> bool:
+  return methods.get(run.method).uses_teacher
+
+
+def attach_teachers(spec, runs: Sequence[Run], workdir: str
+                    ) -> dict[str, ml_collections.ConfigDict]:
+  """Point every run that distils at its teacher: ``spec.teachers[arch]``
+  (a converted or earlier checkpoint) or the table's own, trained once per
+  architecture in ``DIR/teachers/<arch>`` (its ``ce/final_model``).
+  Returns the teacher runs still to train, by workdir."""
+  given = dict(spec.get("teachers", {}) or {})
+  to_train = {}
+  for run in runs:
+    if not _needs_teacher(run) or run.config.teacher.checkpoint is not None:
+      continue
+    arch = run.config.teacher.arch
+    if arch in given:
+      run.config.teacher.checkpoint = given[arch]
+      continue
+    teacher_dir = os.path.join(workdir, "teachers", arch)
+    if teacher_dir not in to_train:
+      c = teacher_config(run)
+      c.seed = int(spec.get("teacher_seed", 0))
+      to_train[teacher_dir] = c
+    run.config.teacher.checkpoint = os.path.join(teacher_dir, "ce",
+                                                 "final_model")
+  return to_train
+
+
+def stage_result(workdir: str, stage: str):
+  """The finished :class:`slkd_jax.report.StageRun` of ``stage`` in
+  ``workdir``, or None."""
+  from slkd_jax import report
+  for stage_run in report.load_runs([workdir]):
+    if stage_run.stage == stage and stage_run.finished:
+      return stage_run
+  return None
+
+
+def run_numbers(run: Run) -> dict[str, Any]:
+  """One run's record for ``table.csv`` / ``table.json`` (best and last
+  top-1 None until it is finished)."""
+  done = stage_result(run.workdir, run.method)
+  record = {"row": run.row, "method": run.method, "pair": run.pair,
+            "seed": run.seed, "workdir": run.workdir, "paper": run.paper,
+            "finished": done is not None, "best_top1": None,
+            "best_epoch": None, "last_top1": None}
+  if done is not None:
+    best, best_epoch, last = metrics.best_and_last(done.result,
+                                                   "student/top1")
+    record.update(best_top1=best, best_epoch=best_epoch, last_top1=last)
+  return record
+
+
+# ---------------------------------------------------------------------------
+# table.md / table.csv / table.json
+
+
+def _cell(values: list[float], seeds: int, paper: float | None) -> str:
+  """``mean ± std (n/seeds) · paper P (Δ)`` for one cell."""
+  if not values:
+    return "—"
+  text = metrics.mean_std(values) if len(values) > 1 else f"{values[0]:.2f}"
+  if len(values) < seeds:
+    text += f" ({len(values)}/{seeds})"
+  if paper is not None:
+    diff = sum(values) / len(values) - paper
+    text += f" · paper {paper:.2f} ({diff:+.2f})"
+  return text
+
+
+def render(spec, records: Sequence[dict], key: str, workdir: str) -> str:
+  """A markdown table of ``key`` (``best_top1`` / ``last_top1``): rows ×
+  pairs, each cell mean ± std over its finished seeds, the paper's number
+  and our difference, and links to its runs."""
+  seeds = len(spec.seeds)
+  lines = ["| row | " + " | ".join(spec.pairs) + " |",
+           "|---|" + "---|" * len(spec.pairs)]
+  for label in spec.rows:
+    cells = []
+    for pair in spec.pairs:
+      mine = [r for r in records if r["row"] == label and r["pair"] == pair]
+      values = [r[key] for r in mine if r[key] is not None]
+      links = " ".join(
+          f"[{r['seed']}]({os.path.relpath(r['workdir'], workdir)})"
+          for r in mine if r["finished"])
+      paper = mine[0]["paper"] if mine else None
+      cells.append(_cell(values, seeds, paper) + (f" {links}" if links else ""))
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_outputs(spec, records: Sequence[dict], workdir: str) -> None:
+  """``table.md``, ``table.csv`` and ``table.json`` in ``workdir``."""
+  seeds = ", ".join(str(s) for s in spec.seeds)
+  text = [f"# {spec.get('title', 'Table')}", "",
+          f"Top-1 (%) on the test split, mean ± std (sample std) over seeds "
+          f"{seeds}; the paper's number and our mean's difference where it "
+          f"reports one; [s] links each finished run.", "",
+          "## Best epoch (the mdistiller / SLKD convention)", "",
+          render(spec, records, "best_top1", workdir), "",
+          "## Last epoch", "", render(spec, records, "last_top1", workdir), ""]
+  _write_atomic(os.path.join(workdir, "table.md"), "\n".join(text))
+  _write_atomic(os.path.join(workdir, "table.json"),
+                json.dumps(list(records), indent=2))
+  path = os.path.join(workdir, "table.csv")
+  with open(path + ".tmp", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+  os.replace(path + ".tmp", path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------
+# Running the table.
+
+
+def images_of(config) -> int:
+  """Training images one run processes (epochs × training-set size)."""
+  name = config.data.name
+  n = config.data.num_train if name == "synthetic" else TRAIN_EXAMPLES[name]
+  return int(n) * int(config.num_epochs)
+
+
+class Progress:
+  """The progress line over the whole table: runs done, images/s of this
+  session's training, ETA of the rest."""
+
+  def __init__(self, total_runs: int, total_images: int,
+               out: Callable[[str], None]):
+    self.total_runs, self.images_left = total_runs, total_images
+    self.done, self.images, self.seconds = 0, 0, 0.0
+    self.out = out
+
+  def skip(self, images: int) -> None:
+    self.done += 1
+    self.images_left -= images
+
+  def trained(self, images: int, seconds: float, what: str) -> None:
+    self.skip(images)
+    self.images += images
+    self.seconds += seconds
+    rate = self.images / max(self.seconds, 1e-9)
+    eta = self.images_left / rate if rate else 0.0
+    self.out(f"table: {self.done}/{self.total_runs} runs done ({what} "
+             f"{_duration(seconds)}); {rate:,.0f} images/s; ETA "
+             f"{_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def run_table(spec, workdir: str, out: Callable[[str], None] = print
+              ) -> list[dict]:
+  """Train every unfinished run (teachers first), rewriting the outputs
+  after each; returns every run's record."""
+  from slkd_jax import train  # noqa: PLC0415 (jax only when training)
+  os.makedirs(workdir, exist_ok=True)
+  runs = plan(spec, workdir)
+  teachers = attach_teachers(spec, runs, workdir)
+  progress = Progress(len(teachers) + len(runs),
+                      sum(images_of(c) for c in teachers.values())
+                      + sum(images_of(r.config) for r in runs), out)
+  for teacher_dir, config in teachers.items():
+    _train_once(train, config, teacher_dir, "ce", progress,
+                f"teacher {config.student.arch}")
+  for run in runs:
+    _train_once(train, run.config, run.workdir, run.method, progress,
+                f"{run.row} on {run.pair}, seed {run.seed}")
+    write_outputs(spec, [run_numbers(r) for r in runs], workdir)
+  records = [run_numbers(r) for r in runs]
+  write_outputs(spec, records, workdir)
+  out(f"table: all {len(runs)} runs finished; {os.path.join(workdir, 'table.md')}")
+  return records
+
+
+def _train_once(train, config, workdir: str, stage: str, progress: Progress,
+                what: str) -> None:
+  """Train ``config`` in ``workdir`` unless its ``stage`` is finished."""
+  images = images_of(config)
+  if stage_result(workdir, stage) is not None:
+    progress.skip(images)
+    return
+  start = time.perf_counter()
+  train.run(config, workdir)
+  progress.trained(images, time.perf_counter() - start, what)
+
+
+# ---------------------------------------------------------------------------
+# --dry-run
+
+
+def measure_images_per_second(config, steps: int = 2) -> float:
+  """Training images/s of ``config``'s method on this machine: one jitted
+  step (random teacher, a random batch of the run's shape), compiled once,
+  then timed over ``steps`` steps."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from slkd_jax import parallel, train_step  # noqa: PLC0415
+  from slkd_jax import stage as stage_lib  # noqa: PLC0415
+  from slkd_jax import state as state_lib  # noqa: PLC0415
+  c = config_lib.stage_config(config, config.method)
+  stage = stage_lib.resolve(c)
+  mesh = parallel.make_mesh()
+  teacher = None
+  if stage.nets.teacher is not None:
+    params, stats = state_lib.init_variables(stage.nets.teacher,
+                                             jax.random.key(0),
+                                             stage.image_shape)
+    teacher = state_lib.ModelState(params, stats)
+  n = TRAIN_EXAMPLES.get(c.data.name, c.data.num_train)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, c.data.num_classes, n).astype(np.int32)
+  state = state_lib.create_state(stage, mesh, teacher, labels)
+  step = train_step.make_train_step(stage, mesh)
+  b = c.batch_size
+  batch = jax.device_put({
+      "image": rng.standard_normal((b, *stage.image_shape), np.float32),
+      "label": labels[:b], "mask": np.ones(b, bool),
+      "index": np.arange(b, dtype=np.int32)}, parallel.batch_sharding(mesh))
+  hp = stage.hparams(1)
+  state, m = step(state, batch, hp)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch, hp)
+  jax.block_until_ready(m)
+  return steps * b / (time.perf_counter() - start)
+
+
+def dry_run(spec, workdir: str, measure: bool,
+            out: Callable[[str], None] = print) -> list[dict]:
+  """Print every cell (row × pair: seeds, the paper's number, images per
+  run and, with ``measure``, the time per run from a short measured step)
+  and the totals; nothing trains."""
+  runs = plan(spec, workdir)
+  teachers = attach_teachers(spec, runs, workdir)
+  rates: dict[tuple[str, str], float] = {}
+  cells = []
+  for label in spec.rows:
+    for pair in spec.pairs:
+      mine = [r for r in runs if r.row == label and r.pair == pair]
+      images = images_of(mine[0].config)
+      cell = {"row": label, "pair": pair, "method": mine[0].method,
+              "runs": len(mine), "paper": mine[0].paper,
+              "images_per_run": images, "seconds_per_run": None}
+      if measure:
+        key = (label, pair)
+        rates[key] = measure_images_per_second(mine[0].config)
+        cell["seconds_per_run"] = images / rates[key]
+      cells.append(cell)
+  out(metrics.summary_table(
+      [{**c, "paper": "-" if c["paper"] is None else f"{c['paper']:.2f}",
+        "images/run": f"{c['images_per_run']:,}",
+        "time/run": ("-" if c["seconds_per_run"] is None
+                     else _duration(c["seconds_per_run"]))} for c in cells],
+      ["row", "pair", "method", "runs", "paper", "images/run", "time/run"]))
+  total = sum(c["runs"] for c in cells)
+  out(f"{len(cells)} cells, {total} runs, {len(teachers)} teacher(s) to "
+      f"train ({', '.join(sorted(os.path.basename(t) for t in teachers)) or 'none'})"
+      f"; {sum(c['images_per_run'] * c['runs'] for c in cells):,} training "
+      f"images" + (f", about {_duration(sum(c['seconds_per_run'] * c['runs'] for c in cells))} "
+                   f"of distillation (teachers not included)" if measure else ""))
+  return cells
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The ``python -m slkd_jax.table`` command (exit status as
+  :mod:`slkd_jax.main`: 0, 2 with one line, 75 when stopped)."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+  from slkd_jax import preemption  # noqa: PLC0415
+  fv = flags.FlagValues()
+  table_config = config_flags.DEFINE_config_file(
+      "config", None, "A table config, e.g. configs/tables/digits.py",
+      flag_values=fv)
+  out_dir = flags.DEFINE_string("workdir", None, "Where the runs and "
+                                "table.md go; rerun to resume.", flag_values=fv)
+  dry = flags.DEFINE_bool("dry_run", False, "List the cells, runs, images "
+                          "and estimated time; train nothing.", flag_values=fv)
+  measure = flags.DEFINE_bool("measure", True, "With --dry-run: time one "
+                              "step per cell (compiles each).", flag_values=fv)
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    fv(argv)
+    spec = table_config.value
+    if spec is None or out_dir.value is None:
+      raise errors.ConfigError("--config and --workdir are required")
+    from slkd_jax import parallel  # noqa: PLC0415
+    parallel.configure_jax(plan(spec, out_dir.value)[0].config)
+    if dry.value:
+      dry_run(spec, out_dir.value, measure.value)
+    else:
+      run_table(spec, out_dir.value)
+  except preemption.Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return preemption.PREEMPTED_EXIT_CODE
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (flags.Error, OSError) as e:  # a bad flag or config file
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    print(f"error: {lines[-1] if lines else type(e).__name__}",
+          file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
