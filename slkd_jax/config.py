@@ -91,8 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Each method's loss settings for this dataset / pair (``set_recipes``);
   # every stage runs with the recipe of its own method.
-  c.recipes = recipes(pair=("resnet32x4", "resnet8x4"), temperature=4.0,
-                      ce_weight=0.1, kd_weight=0.9,
+  c.recipes = recipes(temperature=4.0, ce_weight=0.1, kd_weight=0.9,
                       dkd_beta=8.0, dkd_warmup=20.0)
   # Explicit overrides: None = the stage method's recipe; a value replaces
   # it in every stage (logged). ``--config.recipes.dkd.dkd_beta=6`` changes

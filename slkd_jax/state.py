@@ -118,9 +118,50 @@ def _init_module(stage, name: str, key) -> TrainState:
                     opt_state=stage.tx.init(params))
 
 
+def init_trainable(stage, root: jax.Array, train_labels=None) -> DistillState:
+  """The trainable part of a fresh :class:`DistillState` from the run's key
+  ``root`` (pure: jit- and vmap-able; no teacher).
+
+  RNG: ``root`` folded with 1 for the student, 2 for the SL-Ts (SL-T ``k``
+  uses ``split(key_slts, K)[k]``: independent inits), 3, 4, ... for the
+  method's modules in name order and :data:`BUFFERS_TAG` for its buffers.
+  """
+  method, nets, tx = stage.method, stage.nets, stage.tx
+  shape = stage.image_shape
+  student = init_train_state(nets.student, tx, jax.random.fold_in(root, 1),
+                             shape)
+  slts = None
+  if nets.slt is not None:
+    keys = jax.random.split(jax.random.fold_in(root, 2), nets.num_slts)
+    slts = init_stacked_train_state(nets.slt, tx, keys, shape)
+  modules = None
+  if nets.modules:
+    modules = {name: _init_module(stage, name, jax.random.fold_in(root, 3 + i))
+               for i, name in enumerate(sorted(nets.modules))}
+  buffers = None
+  if method.init_buffers is not None:
+    buffers = method.init_buffers(
+        jax.random.fold_in(root, BUFFERS_TAG), stage.settings, train_labels,
+        param_dtype(stage.dtype))
+  return DistillState(step=jnp.zeros((), jnp.int32), student=student,
+                      slts=slts, modules=modules, buffers=buffers)
+
+
+def check_inputs(stage, teacher: ModelState | None, train_labels) -> None:
+  """A teacher where the method distils, labels where it keeps memory."""
+  method = stage.method
+  if method.uses_teacher and teacher is None:
+    raise ValueError(f"method {method.name!r} needs a teacher: set "
+                     "config.teacher.checkpoint or train one first")
+  if method.init_buffers is not None and train_labels is None:
+    raise ValueError(f"method {method.name!r} keeps per-example memory and "
+                     "needs the training labels (train_labels=)")
+
+
 def create_state(stage, mesh, teacher: ModelState | None = None,
                  train_labels=None) -> DistillState:
-  """A fresh, replicated :class:`DistillState` for a stage.
+  """A fresh, replicated :class:`DistillState` for a stage
+  (:func:`init_trainable` from ``key(stage.seed)``).
 
   Args:
     stage: the resolved stage (:func:`slkd_jax.stage.resolve`).
@@ -129,43 +170,11 @@ def create_state(stage, mesh, teacher: ModelState | None = None,
       teacher.
     train_labels: the training labels in dataset order (host ``[N]``),
       required by methods with buffers (CRD's memory and class table).
-
-  RNG: ``key(seed)`` folded with 1 for the student, 2 for the SL-Ts (SL-T
-  ``k`` uses ``split(key_slts, K)[k]``: independent inits), 3, 4, ... for
-  the method's modules in name order and :data:`BUFFERS_TAG` for its
-  buffers.
   """
-  method, nets, tx = stage.method, stage.nets, stage.tx
-  if method.uses_teacher and teacher is None:
-    raise ValueError(f"method {method.name!r} needs a teacher: set "
-                     "config.teacher.checkpoint or train one first")
-  if method.init_buffers is not None and train_labels is None:
-    raise ValueError(f"method {method.name!r} keeps per-example memory and "
-                     "needs the training labels (train_labels=)")
-  shape = stage.image_shape
-
-  def init(root):
-    student = init_train_state(nets.student, tx, jax.random.fold_in(root, 1),
-                               shape)
-    slts = None
-    if nets.slt is not None:
-      keys = jax.random.split(jax.random.fold_in(root, 2), nets.num_slts)
-      slts = init_stacked_train_state(nets.slt, tx, keys, shape)
-    modules = None
-    if nets.modules:
-      modules = {name: _init_module(stage, name,
-                                    jax.random.fold_in(root, 3 + i))
-                 for i, name in enumerate(sorted(nets.modules))}
-    buffers = None
-    if method.init_buffers is not None:
-      buffers = method.init_buffers(
-          jax.random.fold_in(root, BUFFERS_TAG), stage.settings, train_labels,
-          param_dtype(stage.dtype))
-    return DistillState(step=jnp.zeros((), jnp.int32), student=student,
-                        slts=slts, modules=modules, buffers=buffers)
-
+  check_inputs(stage, teacher, train_labels)
   replicated = parallel.replicated(mesh)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.key(stage.seed))
-  if method.uses_teacher:
+  state = jax.jit(lambda root: init_trainable(stage, root, train_labels),
+                  out_shardings=replicated)(jax.random.key(stage.seed))
+  if stage.method.uses_teacher:
     state = state.replace(teacher=jax.device_put(teacher, replicated))
   return state
