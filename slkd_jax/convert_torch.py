@@ -564,10 +564,12 @@ def _redo_hint(path: str, arch: str | None) -> str:
           f"or set config.teacher.checkpoint to the .pth file itself")
 
 
-def load_teacher(path: str, arch: str | None = None,
-                 num_classes: int | None = None, allow_pickle: bool = True
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Load a teacher's variables from our checkpoint dir or a PyTorch file.
+def load_converted(path: str, arch: str | None = None,
+                   num_classes: int | None = None, allow_pickle: bool = True
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Host variables of a converted network: our converter's directory or a
+  PyTorch file converted on the fly (teachers.load_checkpoint places any
+  teacher source on the mesh; this is its PyTorch part).
 
   Args:
     path: a directory written by :func:`save_teacher` (or the CLI), or a
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unknown --arch {args.arch!r}; available: "
                  f"{', '.join(models.available())}")
   try:
-    variables, meta = load_teacher(args.checkpoint, args.arch,
+    variables, meta = load_converted(args.checkpoint, args.arch,
                                    args.num_classes,
                                    allow_pickle=not args.weights_only)
     out = save_teacher(variables, args.out, args.arch, meta["num_classes"],

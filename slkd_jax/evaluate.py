@@ -107,8 +107,8 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   if artifact.is_artifact(path):
     variables, meta = artifact.load(path)
   else:
-    variables, meta = convert_torch.load_teacher(path, arch,
-                                                 config.data.num_classes)
+    variables, meta = convert_torch.load_converted(path, arch,
+                                                   config.data.num_classes)
   config = config.copy_and_resolve_references()
   config.method, config.student.arch = "ce", meta["arch"]
   parallel.configure_jax(config)

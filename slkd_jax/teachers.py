@@ -119,6 +119,6 @@ def load_checkpoint(config, mesh) -> ModelState:
           f"(teacher.arch) with {num_classes} (data.num_classes)")
   else:
     from slkd_jax import convert_torch
-    variables, meta = convert_torch.load_teacher(path, arch, num_classes)
+    variables, meta = convert_torch.load_converted(path, arch, num_classes)
   logging.info("teacher %s loaded from %s", arch, path)
   return to_mesh(variables, config, mesh)

@@ -75,6 +75,15 @@ def test_step_throughput_smoke(tmp_path):
 
 @pytest.mark.slow
 @needs_torch
+def test_runs_throughput_smoke():
+  lines, out = run_bench("runs_throughput.py", *SMOKE, "--runs", "1,2",
+                         "--runs-impl", "vmap", "--xla-fast-compile")
+  assert [(r["runs"], r["mode"]) for r in lines] == [
+      (1, "vmap"), (1, "sequential"), (2, "vmap"), (2, "sequential")]
+  assert all(r["images_per_s_per_run"] > 0 for r in lines)
+  assert "| images/s per run |" in out
+
+
 def test_torch_reference_smoke():
   lines, _ = run_bench("torch_reference.py", *SMOKE)
   assert len(lines) == 1

@@ -859,22 +859,22 @@ def test_wrong_arch_and_wrong_num_classes(resnet8_twin):
 # Orbax teacher checkpoints.
 
 
-def test_save_load_teacher_round_trip(tmp_path, resnet8_twin):
+def test_save_and_load_converted_round_trip(tmp_path, resnet8_twin):
   variables = ct.convert_state_dict("resnet8", resnet8_twin.state_dict())
   out = ct.save_teacher(variables, str(tmp_path / "t"), "resnet8",
                         source="twin.pth")
-  loaded, meta = ct.load_teacher(out, arch="resnet8",
+  loaded, meta = ct.load_converted(out, arch="resnet8",
                                  num_classes=NUM_CLASSES)
   _assert_same_variables(loaded, variables)
   assert meta["arch"] == "resnet8" and meta["num_classes"] == NUM_CLASSES
   assert meta["source"] == "twin.pth"
   assert meta["num_params"] == models.count_params(variables["params"])
-  loaded, _ = ct.load_teacher(out)  # arch from the metadata
+  loaded, _ = ct.load_converted(out)  # arch from the metadata
   _assert_same_variables(loaded, variables)
   with pytest.raises(ValueError, match=r"(?s)holds a 'resnet8'.*'resnet20'"):
-    ct.load_teacher(out, arch="resnet20")
+    ct.load_converted(out, arch="resnet20")
   with pytest.raises(ValueError, match="10 classes, but 100"):
-    ct.load_teacher(out, num_classes=100)
+    ct.load_converted(out, num_classes=100)
   with pytest.raises(FileExistsError, match="--force"):
     ct.save_teacher(variables, out, "resnet8")
   ct.save_teacher(variables, out, "resnet8", overwrite=True)
@@ -882,21 +882,21 @@ def test_save_load_teacher_round_trip(tmp_path, resnet8_twin):
     ct.save_teacher(variables, str(tmp_path / "u"), "resnet14")
 
 
-def test_load_teacher_converts_pth_on_the_fly(tmp_path, resnet8_twin):
+def test_load_converted_converts_pth_on_the_fly(tmp_path, resnet8_twin):
   sd = resnet8_twin.state_dict()
   path = str(tmp_path / "ckpt_epoch_240.pth")
   torch.save({"model": sd, "epoch": 240, "best_acc": torch.tensor(1.0)}, path)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # weights_only=True suffices here
-    variables, meta = ct.load_teacher(path, arch="resnet8")
+    variables, meta = ct.load_converted(path, arch="resnet8")
   _assert_same_variables(variables, ct.convert_state_dict("resnet8", sd))
   assert meta["num_classes"] == NUM_CLASSES
   assert meta["source"] == os.path.abspath(path)
   with pytest.raises(ValueError, match="needs the architecture"):
-    ct.load_teacher(path)
+    ct.load_converted(path)
   with pytest.raises(ValueError, match="has 10 classes, expected 100|"
                      r"expected \(100, 64\)"):
-    ct.load_teacher(path, arch="resnet8", num_classes=100)
+    ct.load_converted(path, arch="resnet8", num_classes=100)
 
 
 def test_pickled_extras_fall_back_with_warning(tmp_path, resnet8_twin):
@@ -905,7 +905,7 @@ def test_pickled_extras_fall_back_with_warning(tmp_path, resnet8_twin):
   torch.save({"model": resnet8_twin.state_dict(),
               "best_acc": np.float64(72.3)}, path)
   with pytest.warns(UserWarning, match="weights_only=False"):
-    variables, _ = ct.load_teacher(path, arch="resnet8")
+    variables, _ = ct.load_converted(path, arch="resnet8")
   assert "params" in variables
   with pytest.raises(ValueError, match="weights_only=True"):
     ct.load_torch_checkpoint(path, allow_pickle=False)
@@ -917,17 +917,17 @@ def test_unreadable_pth_gives_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"(?s)cannot read .* as a PyTorch checkpoint"):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      ct.load_teacher(str(path), arch="resnet8")
+      ct.load_converted(str(path), arch="resnet8")
 
 
 def test_missing_or_corrupt_teacher_checkpoint(tmp_path, resnet8_twin):
   with pytest.raises(ct.ConversionError,
                      match="python -m slkd_jax.convert_torch"):
-    ct.load_teacher(str(tmp_path / "nowhere"), arch="resnet8")
+    ct.load_converted(str(tmp_path / "nowhere"), arch="resnet8")
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match=r"(?s)not a teacher checkpoint.*convert_torch"):
-    ct.load_teacher(str(empty))
+    ct.load_converted(str(empty))
 
   variables = ct.convert_state_dict("resnet8", resnet8_twin.state_dict())
   out = ct.save_teacher(variables, str(tmp_path / "t"), "resnet8")
@@ -937,12 +937,12 @@ def test_missing_or_corrupt_teacher_checkpoint(tmp_path, resnet8_twin):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\0")
   with pytest.raises(ValueError, match=r"(?s)missing or corrupt.*convert_torch"):
-    ct.load_teacher(out)
+    ct.load_converted(out)
 
   with open(os.path.join(out, ct.METADATA_FILE), "w") as f:
     f.write("{not json")
   with pytest.raises(ValueError, match="teacher.json is corrupt"):
-    ct.load_teacher(out)
+    ct.load_converted(out)
 
 
 # ---------------------------------------------------------------------------
@@ -960,7 +960,7 @@ def test_cli_converts_and_reports(tmp_path, resnet8_twin, capsys):
   assert f"{count:,} parameters" in printed and out in printed
   with open(os.path.join(out, ct.METADATA_FILE)) as f:
     assert json.load(f)["source"] == os.path.abspath(pth)
-  variables, _ = ct.load_teacher(out, arch="resnet8")
+  variables, _ = ct.load_converted(out, arch="resnet8")
   _assert_same_variables(
       variables, ct.convert_state_dict("resnet8", resnet8_twin.state_dict()))
   # A second run refuses to overwrite; errors go to stderr with status 1.
