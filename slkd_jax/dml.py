@@ -38,9 +38,7 @@ from slkd_jax import losses
 from slkd_jax.methods import HParams
 from slkd_jax.stage import Networks, Stage
 from slkd_jax.state import DistillState, ModelState, TrainState
-from slkd_jax.train_step import _apply_train, _sgd_update, apply_ensemble
-
-UPDATES = ("sequential", "simultaneous")
+from slkd_jax.train_step import apply_train, sgd_update, apply_ensemble
 
 
 def peer_loss(logits: jax.Array, targets: jax.Array, labels: jax.Array,
@@ -110,8 +108,8 @@ def _simultaneous_step(nets: Networks, tx, impl: str) -> Callable:
     peers = state.slts
 
     def loss_fn(params):
-      z0, stats0 = _apply_train(nets.student, params[0],
-                                state.student.batch_stats, images, mask)
+      z0, stats0 = apply_train(nets.student, params[0],
+                               state.student.batch_stats, images, mask)
       zs, stats = apply_ensemble(nets.slt, ModelState(params[1],
                                                       peers.batch_stats),
                                  images, train=True, mask=mask, impl=impl)
@@ -125,9 +123,9 @@ def _simultaneous_step(nets: Networks, tx, impl: str) -> Callable:
 
     (total, (metrics, stats0, stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)((state.student.params, peers.params))
-    student = _sgd_update(state.student, grads[0], stats0, tx,
-                          hp.learning_rate)
-    peers = _sgd_update(peers, grads[1], stats, tx, hp.learning_rate)
+    student = sgd_update(state.student, grads[0], stats0, tx,
+                         hp.learning_rate)
+    peers = sgd_update(peers, grads[1], stats, tx, hp.learning_rate)
     metrics.update(loss=total, learning_rate=hp.learning_rate)
     return state.replace(step=state.step + 1, student=student,
                          slts=peers), metrics
@@ -148,8 +146,8 @@ def _sequential_step(nets: Networks, tx) -> Callable:
   """
 
   def forward(model, batch_stats, images, mask):
-    return lambda params: _apply_train(model, params, batch_stats, images,
-                                       mask)
+    return lambda params: apply_train(model, params, batch_stats, images,
+                                      mask)
 
   def step(state: DistillState, teacher, batch, hp: HParams):
     del teacher
@@ -173,7 +171,7 @@ def _sequential_step(nets: Networks, tx) -> Callable:
           lambda z, k=k: peer_loss(z, _others(current, k), labels, hp, mask),
           has_aux=True)(old[k])
       (grads,) = pullbacks[k](dz)
-      peer = _sgd_update(peer, grads, new_stats[k], tx, hp.learning_rate)
+      peer = sgd_update(peer, grads, new_stats[k], tx, hp.learning_rate)
       updated.append(peer)
       if k + 1 < len(peers):  # later peers learn from its new prediction
         current[k], _ = forward(models[k], peer.batch_stats, images,

@@ -106,19 +106,23 @@ def build_runs_step(stage: Stage, impl: str) -> RunsStep:
   return unrolled
 
 
+def _jit_runs_step(stage: Stage, mesh, impl: str):
+  replicated = parallel.replicated(mesh)
+  return jax.jit(
+      build_runs_step(stage, impl),
+      in_shardings=(replicated, replicated, replicated,
+                    parallel.batch_sharding(mesh), replicated),
+      out_shardings=(replicated, replicated, replicated),
+      donate_argnums=(0,))
+
+
 def make_runs_step(stage: Stage, mesh, impl: str
                    ) -> Callable[[DistillState, jax.Array, dict, HParams],
                                  tuple[DistillState, jax.Array, dict]]:
   """The jitted, sharded study step ``step(states, alive, batch, hps)``:
   batch sharded on ``data``, states and metrics replicated, the trainable
   states donated, the teacher passed once (not donated)."""
-  replicated = parallel.replicated(mesh)
-  jitted = jax.jit(
-      build_runs_step(stage, impl),
-      in_shardings=(replicated, replicated, replicated,
-                    parallel.batch_sharding(mesh), replicated),
-      out_shardings=(replicated, replicated, replicated),
-      donate_argnums=(0,))
+  jitted = _jit_runs_step(stage, mesh, impl)
 
   def step(states: DistillState, alive, batch, hps: HParams):
     new, alive, metrics = jitted(states.replace(teacher=None), alive,
@@ -126,3 +130,35 @@ def make_runs_step(stage: Stage, mesh, impl: str
     return new.replace(teacher=states.teacher), alive, metrics
 
   return step
+
+
+def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
+                    batch, hps: HParams) -> dict[str, int]:
+  """Device memory of the study step from its compiled program's memory
+  analysis (XLA's own accounting, per device): ``total_bytes`` (arguments +
+  outputs + temporaries − donated aliases) and ``per_run_bytes`` (the total
+  less the shared teacher and batch, over R runs).
+
+  Raises:
+    ConfigError: the total exceeds the device's memory limit, where the
+      backend reports one (GPUs): fewer runs fit; nothing was trained.
+  """
+  runs = int(jax.tree.leaves(states.student.params)[0].shape[0])
+  alive = jnp.ones(runs, bool)
+  stats = _jit_runs_step(stage, mesh, impl).lower(
+      states.replace(teacher=None), alive, states.teacher, batch,
+      hps).compile().memory_analysis()
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  shared = sum(x.nbytes for x in jax.tree.leaves((states.teacher, batch)))
+  estimate = {"total_bytes": int(total),
+              "per_run_bytes": int(max(total - shared, 0) // runs)}
+  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  if limit and total > limit:
+    raise errors.ConfigError(
+        f"{runs} runs need about {total / 2**30:.1f} GiB per device "
+        f"({estimate['per_run_bytes'] / 2**30:.2f} GiB per run) but the "
+        f"device has {limit / 2**30:.1f} GiB: use at most "
+        f"{max(int((limit - shared) // max(estimate['per_run_bytes'], 1)), 0)}"
+        f" runs")
+  return estimate

@@ -152,26 +152,18 @@ def plan(spec, workdir: str) -> list[Run]:
   return runs
 
 
-def teacher_config(run: Run) -> ml_collections.ConfigDict:
-  """The config that trains ``run``'s teacher (its teacher stage, seed
-  ``teacher_seed``, alone)."""
-  return config_lib.stage_config(run.config, config_lib.TEACHER_STAGE)
-
-
-def _needs_teacher(run: Run) -> bool:
-  return methods.get(run.method).uses_teacher
-
-
 def attach_teachers(spec, runs: Sequence[Run], workdir: str
                     ) -> dict[str, ml_collections.ConfigDict]:
   """Point every run that distils at its teacher: ``spec.teachers[arch]``
   (a converted or earlier checkpoint) or the table's own, trained once per
-  architecture in ``DIR/teachers/<arch>`` (its ``ce/final_model``).
-  Returns the teacher runs still to train, by workdir."""
+  architecture in ``DIR/teachers/<arch>`` (its ``ce/final_model``) with
+  the teacher recipe of the first run that needs it and ``teacher_seed``.
+  Returns the teachers' training configs by workdir."""
   given = dict(spec.get("teachers", {}) or {})
   to_train = {}
   for run in runs:
-    if not _needs_teacher(run) or run.config.teacher.checkpoint is not None:
+    if (not methods.get(run.method).uses_teacher
+        or run.config.teacher.checkpoint is not None):
       continue
     arch = run.config.teacher.arch
     if arch in given:
@@ -179,7 +171,7 @@ def attach_teachers(spec, runs: Sequence[Run], workdir: str
       continue
     teacher_dir = os.path.join(workdir, "teachers", arch)
     if teacher_dir not in to_train:
-      c = teacher_config(run)
+      c = config_lib.stage_config(run.config, config_lib.TEACHER_STAGE)
       c.seed = int(spec.get("teacher_seed", 0))
       to_train[teacher_dir] = c
     run.config.teacher.checkpoint = os.path.join(teacher_dir, "ce",
@@ -333,11 +325,16 @@ def run_table(spec, workdir: str, out: Callable[[str], None] = print
   for teacher_dir, config in teachers.items():
     _train_once(train, config, teacher_dir, "ce", progress,
                 f"teacher {config.student.arch}")
-  for run in runs:
+  # Each run's record is read once, when it is known to be finished.
+  records = [run_numbers(r) for r in runs]
+  for i, run in enumerate(runs):
+    if records[i]["finished"]:
+      progress.skip(images_of(run.config))
+      continue
     _train_once(train, run.config, run.workdir, run.method, progress,
                 f"{run.row} on {run.pair}, seed {run.seed}")
-    write_outputs(spec, [run_numbers(r) for r in runs], workdir)
-  records = [run_numbers(r) for r in runs]
+    records[i] = run_numbers(run)
+    write_outputs(spec, records, workdir)
   write_outputs(spec, records, workdir)
   out(f"table: all {len(runs)} runs finished; {os.path.join(workdir, 'table.md')}")
   return records
@@ -404,33 +401,37 @@ def dry_run(spec, workdir: str, measure: bool,
   and the totals; nothing trains."""
   runs = plan(spec, workdir)
   teachers = attach_teachers(spec, runs, workdir)
-  rates: dict[tuple[str, str], float] = {}
   cells = []
   for label in spec.rows:
     for pair in spec.pairs:
       mine = [r for r in runs if r.row == label and r.pair == pair]
       images = images_of(mine[0].config)
-      cell = {"row": label, "pair": pair, "method": mine[0].method,
-              "runs": len(mine), "paper": mine[0].paper,
-              "images_per_run": images, "seconds_per_run": None}
-      if measure:
-        key = (label, pair)
-        rates[key] = measure_images_per_second(mine[0].config)
-        cell["seconds_per_run"] = images / rates[key]
-      cells.append(cell)
+      seconds = (images / measure_images_per_second(mine[0].config)
+                 if measure else None)
+      cells.append({"row": label, "pair": pair, "method": mine[0].method,
+                    "runs": len(mine), "paper": mine[0].paper,
+                    "images_per_run": images, "seconds_per_run": seconds})
   out(metrics.summary_table(
       [{**c, "paper": "-" if c["paper"] is None else f"{c['paper']:.2f}",
         "images/run": f"{c['images_per_run']:,}",
         "time/run": ("-" if c["seconds_per_run"] is None
                      else _duration(c["seconds_per_run"]))} for c in cells],
       ["row", "pair", "method", "runs", "paper", "images/run", "time/run"]))
-  total = sum(c["runs"] for c in cells)
-  out(f"{len(cells)} cells, {total} runs, {len(teachers)} teacher(s) to "
-      f"train ({', '.join(sorted(os.path.basename(t) for t in teachers)) or 'none'})"
-      f"; {sum(c['images_per_run'] * c['runs'] for c in cells):,} training "
-      f"images" + (f", about {_duration(sum(c['seconds_per_run'] * c['runs'] for c in cells))} "
-                   f"of distillation (teachers not included)" if measure else ""))
+  out(_totals(cells, teachers, measure))
   return cells
+
+
+def _totals(cells: Sequence[dict], teachers: dict, measure: bool) -> str:
+  runs = sum(c["runs"] for c in cells)
+  images = sum(c["images_per_run"] * c["runs"] for c in cells)
+  own = ", ".join(sorted(os.path.basename(t) for t in teachers)) or "none"
+  line = (f"{len(cells)} cells, {runs} runs, {len(teachers)} teacher(s) of "
+          f"the table's own ({own}); {images:,} training images")
+  if measure:
+    seconds = sum(c["seconds_per_run"] * c["runs"] for c in cells)
+    line += (f", about {_duration(seconds)} of distillation (teachers not "
+             f"included)")
+  return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,8 +70,10 @@ def apply_ensemble(model: nn.Module, stacked: ModelState, images: jax.Array,
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def _apply_train(model: nn.Module, params, batch_stats, images, mask,
-                 features: bool = False):
+def apply_train(model: nn.Module, params, batch_stats, images, mask,
+                features: bool = False):
+  """A train-mode forward: ``(output, new batch_stats)`` (BatchNorm on the
+  real examples of the global batch)."""
   out, updates = model.apply({"params": params, "batch_stats": batch_stats},
                              images, train=True, mask=mask, features=features,
                              mutable=["batch_stats"])
@@ -120,7 +122,8 @@ def _student_objective(method: methods.Method, state: DistillState, logits,
                                   **kwargs)
 
 
-def _sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
+def sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
+  """The reference SGD step of one trained network (or stacked ones)."""
   buffer, opt_state = tx.update(grads, state.opt_state, state.params)
   return state.replace(params=optim.apply_sgd(state.params, buffer, lr),
                        batch_stats=batch_stats, opt_state=opt_state,
@@ -169,8 +172,8 @@ def build_train_step(stage: Stage
     if nets.teacher is None:
       return None
     if teacher_train:
-      out, _ = _apply_train(nets.teacher, teacher.params, teacher.batch_stats,
-                            images, mask, method.features)
+      out, _ = apply_train(nets.teacher, teacher.params, teacher.batch_stats,
+                           images, mask, method.features)
     else:
       out = nets.teacher.apply(teacher.variables, images, train=False,
                                features=method.features)
@@ -183,9 +186,9 @@ def build_train_step(stage: Stage
 
     def loss_fn(params):
       student_params, slt_params, module_params = params
-      out, student_stats = _apply_train(nets.student, student_params,
-                                        state.student.batch_stats, images,
-                                        mask, method.features)
+      out, student_stats = apply_train(nets.student, student_params,
+                                       state.student.batch_stats, images,
+                                       mask, method.features)
       z_s, s_features = _split(out)
       z_k = fused = slt_stats = None
       if slts is not None:
@@ -218,14 +221,14 @@ def build_train_step(stage: Stage
               {k: m.params for k, m in state.modules.items()})
     (loss, (logits, terms, student_stats, slt_stats, module_stats,
             buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    student = _sgd_update(state.student, grads[0], student_stats, tx,
-                          hp.learning_rate)
+    student = sgd_update(state.student, grads[0], student_stats, tx,
+                         hp.learning_rate)
     if slts is not None:
-      slts = _sgd_update(slts, grads[1], slt_stats, tx, hp.learning_rate)
+      slts = sgd_update(slts, grads[1], slt_stats, tx, hp.learning_rate)
     modules = state.modules
     if modules is not None:
-      modules = {k: _sgd_update(m, grads[2][k], module_stats[k], tx,
-                                hp.learning_rate) for k, m in modules.items()}
+      modules = {k: sgd_update(m, grads[2][k], module_stats[k], tx,
+                               hp.learning_rate) for k, m in modules.items()}
     metrics = {"loss": loss, **terms,
                **_batch_metrics(logits, labels, mask, hp)}
     return state.replace(step=state.step + 1, student=student, slts=slts,
@@ -249,7 +252,7 @@ def build_train_step(stage: Stage
 
     (slt_total, (slt_terms, slt_stats)), slt_grads = jax.value_and_grad(
         slt_loss_fn, has_aux=True)(slts.params)
-    slts = _sgd_update(slts, slt_grads, slt_stats, tx, hp.learning_rate)
+    slts = sgd_update(slts, slt_grads, slt_stats, tx, hp.learning_rate)
     # Train-mode forward (batch statistics, as the PyTorch modules would be),
     # running statistics not updated a second time.
     z_k, _ = apply_ensemble(nets.slt, slts, images, train=True, mask=mask,
@@ -258,8 +261,8 @@ def build_train_step(stage: Stage
     fused = losses.fuse_logits(z_k, hp.fusion_weights)
 
     def student_loss_fn(student_params):
-      z_s, stats = _apply_train(nets.student, student_params,
-                                state.student.batch_stats, images, mask)
+      z_s, stats = apply_train(nets.student, student_params,
+                               state.student.batch_stats, images, mask)
       logits = Logits(z_s, z_t, z_k, fused)
       loss, terms = method.student_objective(
           logits, labels, mask, hp, detach_fused_target=True,
@@ -269,8 +272,8 @@ def build_train_step(stage: Stage
     (student_total, (logits, terms, student_stats)), grads = (
         jax.value_and_grad(student_loss_fn, has_aux=True)(
             state.student.params))
-    student = _sgd_update(state.student, grads, student_stats, tx,
-                          hp.learning_rate)
+    student = sgd_update(state.student, grads, student_stats, tx,
+                         hp.learning_rate)
     metrics = {"loss": student_total + slt_total, **terms,
                "student/loss": student_total, "slt/loss": slt_total,
                **slt_terms, **_batch_metrics(logits, labels, mask, hp)}

@@ -105,3 +105,23 @@ def test_a_study_of_crd_is_refused_in_one_line():
   stage = stage_lib.resolve(config_lib.stage_config(c, "crd"))
   with pytest.raises(errors.ConfigError, match="not supported yet"):
     studies.build_runs_step(stage, "vmap")
+
+
+def test_memory_estimate_grows_with_the_runs():
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  estimates = []
+  with jax.enable_x64(True):
+    stage = stage_lib.resolve(tiny_config("kd"))
+    batch = next(batches(mesh, 1))
+    for runs in (1, 2):
+      states = studies.create_runs_state(stage, mesh, SEEDS[:runs],
+                                         teacher_of(stage))
+      hps = studies.stack([stage.hparams(1)] * runs)
+      estimates.append(studies.memory_estimate(stage, mesh, "unrolled",
+                                               states, batch, hps))
+  one, two = estimates
+  assert 0 < one["per_run_bytes"] <= one["total_bytes"]
+  # A second run adds at least its own state (params, momentum, stats).
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(
+      studies.run_slice(states.replace(teacher=None), 0)))
+  assert two["total_bytes"] - one["total_bytes"] >= state_bytes
