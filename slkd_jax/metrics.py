@@ -445,6 +445,15 @@ def stage_row(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
           "teacher top-1": teacher["last top-1"]}
 
 
+def reported_history(history: Sequence[Mapping[str, Any]], after_epoch: int
+                     ) -> Sequence[Mapping[str, Any]]:
+  """The epochs the best top-1 is reported over: those after
+  ``after_epoch`` (``config.report_best_after_epoch``; TESKD: 150), or every
+  epoch while there is none (``after_epoch`` 0, or a short run)."""
+  later = [h for h in history if h.get("epoch", 0) > after_epoch]
+  return later or list(history)
+
+
 def mean_std(values: Iterable[Any], fmt: str = "{:.2f}", ddof: int = 1) -> str:
   """``"mean ± std"`` over seeds, e.g. ``"73.41 ± 0.22"``.
 

@@ -113,9 +113,13 @@ class StageRun:
 
   @property
   def result(self) -> list[dict[str, Any]]:
-    """The history of a ``num_epochs`` run: later epochs (a rerun with a
-    smaller ``num_epochs``) are not part of it."""
-    return [r for r in self.history if r["epoch"] <= self.num_epochs]
+    """The history the reported numbers come from: the epochs of a
+    ``num_epochs`` run (later ones, from a rerun with a smaller
+    ``num_epochs``, are not part of it), after
+    ``report_best_after_epoch`` where the config sets one (TESKD: 150)."""
+    history = [r for r in self.history if r["epoch"] <= self.num_epochs]
+    return metrics.reported_history(
+        history, self.config.get("report_best_after_epoch", 0) or 0)
 
 
 def unique_workdirs(workdirs: Sequence[str]) -> tuple[list[str], list[str]]:

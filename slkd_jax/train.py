@@ -248,7 +248,7 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
   if epoch % config.checkpoint_every_epochs == 0 or (
       epoch == config.num_epochs):
     loop.ckpt.save(global_step, trainable, loop.meta(epoch, 0))
-  reported = reported_history(loop.history,
+  reported = metrics.reported_history(loop.history,
                               config.get("report_best_after_epoch", 0))
   if metrics.best_and_last(reported, "student/top1")[1] == epoch:
     # One save at a time: concurrent async saves of two managers at the same
@@ -311,7 +311,7 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
         os.path.join(stage_dir, "final_model")):
       _save_model(loop, state, "final_model", config.num_epochs,
                   loop.history[-1] if loop.history else {})
-    _write_stage_summary(stage_dir, name, reported_history(
+    _write_stage_summary(stage_dir, name, metrics.reported_history(
         loop.history, config.get("report_best_after_epoch", 0)))
   return StageResult(name, config.method, state, loop.history)
 
@@ -367,15 +367,6 @@ def _train_stage(loop: _Loop, state, epoch: int, start_step: int):
     bar.close()
     writer.close()
   return state
-
-
-def reported_history(history: list[dict[str, Any]], after_epoch: int
-                     ) -> list[dict[str, Any]]:
-  """The epochs the best top-1 is reported over: those after
-  ``after_epoch`` (``config.report_best_after_epoch``; TESKD: 150), or every
-  epoch while there is none (``after_epoch`` 0, or a short run)."""
-  later = [h for h in history if h.get("epoch", 0) > after_epoch]
-  return later or list(history)
 
 
 def _eval_line(record: dict[str, Any]) -> str:
@@ -491,7 +482,7 @@ def run(config: ml_collections.ConfigDict, workdir: str
   _write_run_config(config, workdir)
   if jax.process_index() == 0:
     table = comparison_table(
-        {name: dataclasses.replace(r, history=reported_history(
+        {name: dataclasses.replace(r, history=metrics.reported_history(
             r.history, config.get("report_best_after_epoch", 0)))
          for name, r in results.items()})
     with open(os.path.join(workdir, "summary.md"), "w") as f:

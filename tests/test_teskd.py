@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slkd_jax import artifact, methods, models, parallel, teskd, train
+from slkd_jax import (artifact, methods, metrics, models, parallel, teskd,
+                      train)
 from slkd_jax import config as config_lib
 from slkd_jax import convert_torch as ct
 from slkd_jax import stage as stage_lib
@@ -537,11 +538,11 @@ def test_teskd_validation_names_the_key():
 def test_reported_best_is_over_the_epochs_after_E():
   history = [{"epoch": e, "student/top1": t}
              for e, t in ((149, 80.0), (150, 79.0), (151, 78.5), (152, 78.9))]
-  best = train.metrics.best_and_last(train.reported_history(history, 150),
-                                     "student/top1")
+  best = metrics.best_and_last(metrics.reported_history(history, 150),
+                               "student/top1")
   assert best == (78.9, 152, 78.9)
-  assert train.reported_history(history, 0) == history
-  assert train.reported_history(history[:2], 150) == history[:2]  # short run
+  assert metrics.reported_history(history, 0) == history
+  assert metrics.reported_history(history[:2], 150) == history[:2]  # short run
 
 
 def test_a_teskd_stage_reports_branches_and_deploys_its_backbone(
