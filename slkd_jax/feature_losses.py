@@ -75,7 +75,7 @@ FEATURE_DEFAULTS: dict[str, dict] = {
     "ofd": dict(ce_weight=1.0, feat_weight=0.001),
     # CFG.REVIEWKD: CE_WEIGHT 1.0, REVIEWKD_WEIGHT 1.0 (5.0 in
     # configs/cifar100/reviewkd.yaml for resnet32x4 -> resnet8x4: see
-    # connectors.reviewkd_pair_settings), WARMUP_EPOCHS 20, STU_PREACT False
+    # config.method_recipe(..., pair=)), WARMUP_EPOCHS 20, STU_PREACT False
     # (0/1 here: recipe values are numbers). SHAPES, OUT_SHAPES, IN_CHANNELS
     # and OUT_CHANNELS follow from the pair (connectors.reviewkd_spec).
     "reviewkd": dict(ce_weight=1.0, feat_weight=1.0, warmup_epochs=20.0,
@@ -97,22 +97,6 @@ FEATURE_PAIR_OVERRIDES: dict[tuple[str, str, str], dict] = {
     ("ofd", "imagenet_resnet50", "imagenet_mobilenetv1"): dict(
         feat_weight=1e-4),
 }
-
-
-def pair_settings(method: str, teacher_arch: str, student_arch: str
-                  ) -> dict:
-  """``method``'s loss settings for one pair: :data:`FEATURE_DEFAULTS`
-  with mdistiller's per-pair yaml overrides (:data:`FEATURE_PAIR_OVERRIDES`)
-  applied; e.g. ReviewKD's weight 5 for resnet32x4 → resnet8x4."""
-  settings = dict(FEATURE_DEFAULTS[method])
-  settings.update(FEATURE_PAIR_OVERRIDES.get(
-      (method, teacher_arch, student_arch), {}))
-  return settings
-
-
-def reviewkd_pair_settings(teacher_arch: str, student_arch: str) -> dict:
-  """ReviewKD's loss settings for one pair (:func:`pair_settings`)."""
-  return pair_settings("reviewkd", teacher_arch, student_arch)
 
 
 # ---------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import pytest
 from slkd_jax import connectors
 from slkd_jax import feature_losses as fl
 from slkd_jax import models
+from golden_checks import assert_close, check_tensor, nchw, nhwc
 
-RTOL = 1e-9
 B = 4
 # NCHW shapes (no batch) of resnet8x4's and resnet32x4's feats; pooled 256.
 FEAT_SHAPES = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
@@ -75,38 +75,15 @@ def make_vid_params(seed, s_channels, t_channels):
 # ---------------------------------------------------------------------------
 
 
-def _nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def _nchw(g):
-  return np.transpose(np.asarray(g), (0, 3, 1, 2))
-
-
 def _conv_kernel(w):  # OIHW -> HWIO
   return jnp.asarray(np.transpose(w, (2, 3, 1, 0)))
 
 
-def _assert_close(value, ref, scale=0.0):
-  tol = RTOL * max(abs(ref), scale)
-  assert abs(float(value) - ref) <= tol, (float(value), ref, tol)
-
-
-def _check_tensor(g, ref):
-  """``g`` in PyTorch's layout against a golden summary."""
-  g = np.asarray(g)
-  assert np.all(np.isfinite(g))
-  _assert_close(np.sqrt(np.sum(g * g)), ref["norm"])
-  _assert_close(np.sum(g), ref["sum"], ref["norm"])
-  for idx, value in ref["entries"]:
-    _assert_close(g[tuple(idx)], value, ref["norm"])
-
-
 def _check_loss_and_grads(loss, grads, golden):
-  _assert_close(loss, golden["loss"])
+  assert_close(loss, golden["loss"])
   assert len(grads) == len(golden["grads"])
   for g, ref in zip(grads, golden["grads"]):
-    _check_tensor(_nchw(g) if g.ndim == 4 else g, ref)
+    check_tensor(nchw(g) if g.ndim == 4 else g, ref)
 
 
 # ---------------------------------------------------------------------------
@@ -124,15 +101,15 @@ LIST_LOSSES = {
 def test_feature_list_loss_matches_mdistiller(name):
   fn, layers = LIST_LOSSES[name]
   fs, ft, _, _ = make_features(0, FEAT_SHAPES, FEAT_SHAPES, POOLED)
-  s = [_nhwc(a) for a in fs[layers]]
-  t = [_nhwc(a) for a in ft[layers]]
+  s = [nhwc(a) for a in fs[layers]]
+  t = [nhwc(a) for a in ft[layers]]
   loss, grads = jax.jit(jax.value_and_grad(fn))(s, t)
   _check_loss_and_grads(loss, grads, GOLDEN[name])
 
 
 def test_kdsvd_k2_matches_mdistiller():
   fs, ft, _, _ = make_features(7, KDSVD_SHAPES, KDSVD_SHAPES)
-  s, t = [_nhwc(a) for a in fs], [_nhwc(a) for a in ft]
+  s, t = [nhwc(a) for a in fs], [nhwc(a) for a in ft]
   loss, grads = jax.jit(jax.value_and_grad(
       lambda s, t: fl.kdsvd_loss(s, t, k=2)))(s, t)
   _check_loss_and_grads(loss, grads, GOLDEN["kdsvd_k2"])
@@ -142,7 +119,7 @@ def test_kdsvd_k2_matches_mdistiller():
 def test_spatial_pooling_matches_mdistiller(name):
   fn = LIST_LOSSES[name][0]
   fs, ft, _, _ = make_features(3, POOL_S, POOL_T)
-  s, t = [_nhwc(a) for a in fs], [_nhwc(a) for a in ft]
+  s, t = [nhwc(a) for a in fs], [nhwc(a) for a in ft]
   loss, grads = jax.jit(jax.value_and_grad(fn))(s, t)
   _check_loss_and_grads(loss, grads, GOLDEN[f"{name}_pool"])
 
@@ -198,25 +175,25 @@ def _check_convreg(f_s, f_t, p, golden, transpose):
   _check_loss_and_grads(loss, [gx], golden)
   to_torch = (2, 3, 0, 1) if transpose else (3, 2, 0, 1)
   pg = golden["param_grads"]
-  _check_tensor(np.transpose(gp["conv"]["kernel"], to_torch),
+  check_tensor(np.transpose(gp["conv"]["kernel"], to_torch),
                 pg["conv.weight"])
   # A conv bias before train-mode BatchNorm has zero gradient; both sides are
   # rounding noise, so only check that ours is too.
   assert pg["conv.bias"]["norm"] < 1e-12 * pg["conv.weight"]["norm"]
   assert (np.linalg.norm(gp["conv"]["bias"]) <
           1e-12 * pg["conv.weight"]["norm"])
-  _check_tensor(gp["bn"]["scale"], pg["bn.weight"])
-  _check_tensor(gp["bn"]["bias"], pg["bn.bias"])
-  _assert_close(jnp.sum(upd["batch_stats"]["bn"]["mean"]),
+  check_tensor(gp["bn"]["scale"], pg["bn.weight"])
+  check_tensor(gp["bn"]["bias"], pg["bn.bias"])
+  assert_close(jnp.sum(upd["batch_stats"]["bn"]["mean"]),
                 golden["running_mean_sum"])
-  _assert_close(jnp.sum(upd["batch_stats"]["bn"]["var"]),
+  assert_close(jnp.sum(upd["batch_stats"]["bn"]["var"]),
                 golden["running_var_sum"])
 
 
 def test_fitnet_convreg_matches_mdistiller():
   fs, ft, _, _ = make_features(0, FEAT_SHAPES, FEAT_SHAPES, POOLED)
   assert GOLDEN["fitnet"]["kind"] == "Conv2d"
-  _check_convreg(_nhwc(fs[2]), _nhwc(ft[2]),
+  _check_convreg(nhwc(fs[2]), nhwc(ft[2]),
                  make_convreg_params(1, 128, 128, 1, False),
                  GOLDEN["fitnet"], transpose=False)
 
@@ -228,7 +205,7 @@ def test_convreg_kernels_match_mdistiller(name):
   transpose = name == "transpose"
   golden = GOLDEN[f"convreg_{name}"]
   assert golden["kind"] == ("ConvTranspose2d" if transpose else "Conv2d")
-  _check_convreg(_nhwc(fs[0]), _nhwc(ft[0]),
+  _check_convreg(nhwc(fs[0]), nhwc(ft[0]),
                  make_convreg_params(6, 3, 5, k, transpose), golden,
                  transpose)
 
@@ -249,7 +226,7 @@ def _vid_loss_fn(conn, feats_t, mask=None):
 
 
 def _check_vid(fs, ft, layers, golden):
-  s, t = [_nhwc(a) for a in fs], [_nhwc(a) for a in ft]
+  s, t = [nhwc(a) for a in fs], [nhwc(a) for a in ft]
   conn = connectors.VIDConnector(tuple(a.shape[-1] for a in t),
                                  tuple(a.shape[1] for a in t),
                                  learn_log_scale=True, dtype=jnp.float64)
@@ -262,8 +239,8 @@ def _check_vid(fs, ft, layers, golden):
   for i, ref in enumerate(golden["weight_grads"]):
     for name, key in (("w0", "0"), ("w2", "2"), ("w4", "4")):
       kernel_grad = gp[f"regressors_{i}"][key]["kernel"]
-      _check_tensor(np.transpose(kernel_grad, (3, 2, 0, 1)), ref[name])
-    _check_tensor(gp[f"regressors_{i}"]["log_scale"],
+      check_tensor(np.transpose(kernel_grad, (3, 2, 0, 1)), ref[name])
+    check_tensor(gp[f"regressors_{i}"]["log_scale"],
                   golden["log_scale_grads"][i])
 
 

@@ -14,8 +14,8 @@ from slkd_jax import feature_methods, models
 from slkd_jax.convert_torch import torch_module_path
 from slkd_jax.models.bn_before_relu import (bn_before_relu,
                                             bn_before_relu_paths)
+from golden_checks import assert_close, check_tensor, nchw, nhwc
 
-RTOL = 1e-9
 B = 3
 SHAPES = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
 POOLED = 256
@@ -45,28 +45,6 @@ def make_ofd_case(seed=0, batch=B):
 # ---------------------------------------------------------------------------
 
 
-def _nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def _nchw(g):
-  return np.transpose(np.asarray(g), (0, 3, 1, 2))
-
-
-def _assert_close(value, ref, scale=0.0):
-  tol = RTOL * max(abs(ref), scale)
-  assert abs(float(value) - ref) <= tol, (float(value), ref, tol)
-
-
-def _check_tensor(g, ref):
-  g = np.asarray(g)
-  assert np.all(np.isfinite(g))
-  _assert_close(np.sqrt(np.sum(g * g)), ref["norm"])
-  _assert_close(np.sum(g), ref["sum"], ref["norm"])
-  for idx, value in ref["entries"]:
-    _assert_close(g[tuple(idx)], value, ref["norm"])
-
-
 def _connector_params(conv, bn):
   return {f"connectors_{i}_0": {"kernel": jnp.asarray(
               np.transpose(w, (2, 3, 1, 0)))}
@@ -89,8 +67,8 @@ def _ofd_weighted_loss(params, s_feats, t_feats, margins, stats, mask=None):
 
 def _case(batch=B):
   student, teacher, conv, bn, t_bn = make_ofd_case(batch=batch)
-  s_feats = [_nhwc(x) for x in student["preact_feats"][1:]]
-  t_feats = [_nhwc(x) for x in teacher["preact_feats"][1:]]
+  s_feats = [nhwc(x) for x in student["preact_feats"][1:]]
+  t_feats = [nhwc(x) for x in teacher["preact_feats"][1:]]
   margins = [fl.ofd_margin(jnp.asarray(g), jnp.asarray(b)) for g, b in t_bn]
   stats = {f"connectors_{i}_1": {"mean": jnp.zeros(c), "var": jnp.ones(c)}
            for i, c in enumerate(f.shape[-1] for f in t_feats)}
@@ -101,22 +79,22 @@ def test_ofd_loss_and_gradients_match_mdistiller():
   with jax.enable_x64(True):
     s_feats, t_feats, margins, params, stats = _case()
     for m, ref in zip(margins, GOLDEN["ofd"]["margins"]):
-      _check_tensor(m, ref)
+      check_tensor(m, ref)
     (loss, updates), (g_params, g_feats) = jax.value_and_grad(
         _ofd_weighted_loss, argnums=(0, 1), has_aux=True)(
             params, s_feats, t_feats, margins, stats)
   golden = GOLDEN["ofd"]
-  _assert_close(loss, golden["loss"])
+  assert_close(loss, golden["loss"])
   for g, ref in zip(g_feats, golden["grads"]):
-    _check_tensor(_nchw(g), ref)
+    check_tensor(nchw(g), ref)
   pg = golden["param_grads"]
   for i in range(3):
     kernel = g_params[f"connectors_{i}_0"]["kernel"]
-    _check_tensor(np.transpose(kernel, (3, 2, 0, 1)), pg[f"{i}.0.weight"])
-    _check_tensor(g_params[f"connectors_{i}_1"]["scale"], pg[f"{i}.1.weight"])
-    _check_tensor(g_params[f"connectors_{i}_1"]["bias"], pg[f"{i}.1.bias"])
+    check_tensor(np.transpose(kernel, (3, 2, 0, 1)), pg[f"{i}.0.weight"])
+    check_tensor(g_params[f"connectors_{i}_1"]["scale"], pg[f"{i}.1.weight"])
+    check_tensor(g_params[f"connectors_{i}_1"]["bias"], pg[f"{i}.1.bias"])
     var = np.asarray(updates["batch_stats"][f"connectors_{i}_1"]["var"])
-    _assert_close(var.sum(), golden["running_var_sums"][i])
+    assert_close(var.sum(), golden["running_var_sums"][i])
 
 
 def test_padded_examples_do_not_change_the_loss_or_gradients():

@@ -10,13 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from slkd_jax import config as config_lib
 from slkd_jax import connectors, feature_losses as fl, feature_methods, models
 from slkd_jax.convert_torch import torch_module_path
+from golden_checks import assert_close, check_tensor, nchw, nhwc
 
-RTOL = 1e-9
 B = 3
 SHAPES = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
 POOLED = 256
+
+
+def pair_recipe(teacher, student):
+  """ReviewKD's recipe for a pair, as the presets build it."""
+  return config_lib.method_recipe(
+      "reviewkd", temperature=4.0, ce_weight=0.1, kd_weight=0.9,
+      dkd_beta=8.0, dkd_warmup=20.0, pair=(teacher, student))
 
 
 # ---- input generators (verbatim from
@@ -52,36 +60,14 @@ def make_reviewkd_case(seed=1, batch=B):
 # ---------------------------------------------------------------------------
 
 
-def _nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def _nchw(g):
-  return np.transpose(np.asarray(g), (0, 3, 1, 2))
-
-
 def _hwio(w):
   return jnp.asarray(np.transpose(w, (2, 3, 1, 0)))
 
 
-def _assert_close(value, ref, scale=0.0):
-  tol = RTOL * max(abs(ref), scale)
-  assert abs(float(value) - ref) <= tol, (float(value), ref, tol)
-
-
-def _check_tensor(g, ref):
-  g = np.asarray(g)
-  assert np.all(np.isfinite(g))
-  _assert_close(np.sqrt(np.sum(g * g)), ref["norm"])
-  _assert_close(np.sum(g), ref["sum"], ref["norm"])
-  for idx, value in ref["entries"]:
-    _assert_close(g[tuple(idx)], value, ref["norm"])
-
-
 def _outputs(o):
   return models.Outputs(
-      logits=None, feats=tuple(_nhwc(x) for x in o["feats"]),
-      preact_feats=tuple(_nhwc(x) for x in o["preact_feats"]),
+      logits=None, feats=tuple(nhwc(x) for x in o["feats"]),
+      preact_feats=tuple(nhwc(x) for x in o["preact_feats"]),
       pooled_feat=jnp.asarray(o["pooled_feat"]))
 
 
@@ -121,8 +107,7 @@ def _weighted_term(params, stats, student, teacher, epoch, mask=None):
     updates.update(new["batch_stats"])
     return out
 
-  settings = types.SimpleNamespace(**fl.reviewkd_pair_settings(
-      "resnet32x4", "resnet8x4"))
+  settings = types.SimpleNamespace(**pair_recipe("resnet32x4", "resnet8x4"))
   ctx = feature_methods.TermContext(
       hp=types.SimpleNamespace(epoch=jnp.asarray(epoch, jnp.float64)))
   term = feature_methods.FEATURE_METHODS["reviewkd"].term(
@@ -140,13 +125,13 @@ def test_reviewkd_loss_and_gradients_match_mdistiller():
         lambda p, s: _weighted_term(p, stats, s, t_out, 5), argnums=(0, 1),
         has_aux=True)(params, s_out)
     loss30, _ = _weighted_term(params, stats, s_out, t_out, 30)
-  _assert_close(loss, golden["loss"])
-  _assert_close(loss30, GOLDEN["reviewkd_epoch30"])
+  assert_close(loss, golden["loss"])
+  assert_close(loss30, GOLDEN["reviewkd_epoch30"])
   assert golden["stem_unused"] and not np.any(g_out.feats[0])
   assert not any(np.any(g) for g in g_out.preact_feats)  # STU_PREACT False
-  grads = [_nchw(g) for g in g_out.feats[1:]] + [np.asarray(g_out.pooled_feat)]
+  grads = [nchw(g) for g in g_out.feats[1:]] + [np.asarray(g_out.pooled_feat)]
   for g, ref in zip(grads, golden["grads"], strict=True):
-    _check_tensor(g, ref)
+    check_tensor(g, ref)
   flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
   assert len(flat) == len(golden["param_grads"])
   for path, g in flat:
@@ -157,9 +142,9 @@ def test_reviewkd_loss_and_gradients_match_mdistiller():
       name, g = name + ".weight", np.transpose(g, (3, 2, 0, 1))
     else:
       name += ".weight" if keys[-1] == "scale" else ".bias"
-    _check_tensor(g, golden["param_grads"][name])
+    check_tensor(g, golden["param_grads"][name])
   for j, ref in enumerate(golden["running_var_sums"]):
-    _assert_close(np.asarray(updates[f"abfs_{j}"]["conv2_1"]["var"]).sum(),
+    assert_close(np.asarray(updates[f"abfs_{j}"]["conv2_1"]["var"]).sum(),
                   ref)
 
 
@@ -298,16 +283,17 @@ def test_derived_pair_settings_equal_mdistillers_yaml(pair):
   spec = connectors.reviewkd_spec(models.create(student),
                                   models.create(teacher), (size, size))
   assert spec == {k: want[k] for k in spec}
-  settings = fl.reviewkd_pair_settings(teacher, student)
+  settings = pair_recipe(teacher, student)
   for key in ("feat_weight", "warmup_epochs", "stu_preact"):
     assert settings[key] == want[key]
   assert settings["ce_weight"] == 1.0
 
 
 def test_default_pair_settings_are_cfg_py():
-  settings = fl.reviewkd_pair_settings("wrn_40_2", "wrn_16_2")
-  assert settings == dict(ce_weight=1.0, feat_weight=1.0, warmup_epochs=20.0,
-                          stu_preact=0)
+  settings = pair_recipe("wrn_40_2", "wrn_16_2")
+  assert {k: settings[k] for k in ("ce_weight", "feat_weight",
+                                   "warmup_epochs", "stu_preact")} == dict(
+      ce_weight=1.0, feat_weight=1.0, warmup_epochs=20.0, stu_preact=0)
 
 
 def test_make_modules_for_a_pair_without_yaml():

@@ -1,7 +1,7 @@
 """Golden values for tests/test_crd.py from mdistiller's own CRD code.
 
-Extracts mdistiller/distillers/{_base,CRD}.py at commit a08d46f from the
-mirror (``git show``) into a temporary package, builds the distiller's CRD
+Extracts mdistiller/distillers/{_base,CRD}.py at commit a08d46f from a git
+clone of github.com/megvii-research/mdistiller (``git show``) into a temporary package, builds the distiller's CRD
 modules with its own ``CRD.init_crd_modules`` (Embed ×2, ContrastMemory,
 ContrastLoss ×2; AliasMethod's ``.cuda()`` is made a no-op since only the
 given contrast indices are used), overwrites the embed weights, the memory
@@ -11,8 +11,9 @@ resnet8x4 / resnet32x4 pooled features (256-d), N = 50, K = 8. Prints the
 loss, gradient summaries (f_s and both embeds' parameters), Z after the step
 and summaries of the updated memory rows as a Python literal.
 
-Usage: python tests/goldens/gen_crd_goldens.py > /tmp/crd_goldens.py
-(MDISTILLER_REPO: the mirror's git directory.)
+Usage: MDISTILLER_REPO=/path/to/mdistiller \
+  python tests/goldens/gen_crd_goldens.py > /tmp/crd_goldens.py
+(MDISTILLER_REPO: a clone of mdistiller holding that commit.)
 """
 import os
 import subprocess
@@ -22,8 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-REPO = os.environ.get("MDISTILLER_REPO",
-                      "/work/.mirror/megvii-research+mdistiller/repo")
+REPO = os.environ.get("MDISTILLER_REPO", "mdistiller")
 COMMIT = "a08d46f10d6102bd6e3f258ca5ac880b020ea259"
 
 
