@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_train = 256
   c.data.num_test = 64
   c.data.data_seed = 0
+  # The seed of the training order and augmentation; None = the run's seed.
+  # A study's runs share one order (run 0's) and record it here.
+  c.data.order_seed = ml_collections.FieldReference(None, field_type=int)
 
   c.batch_size = 64  # global, over all devices and processes
   c.eval_batch_size = 256
@@ -116,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   # after this one (TESKD: 150); 0 = every epoch (mdistiller).
   c.report_best_after_epoch = 0
 
+  c.study = study_section()
+
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 10
   # Rotating recent checkpoints (>= 2 keeps a fallback for a damaged latest
@@ -129,6 +134,67 @@ def base_config() -> ml_collections.ConfigDict:
   # parallel.CPU_DETERMINISM_FLAG for any CPU count).
   c.deterministic = False
   return c
+
+
+#: What may differ between the runs of one study: the values the step takes
+#: as arrays (:class:`~slkd_jax.methods.HParams`). ``study.vary.<key>`` sets
+#: the config key named here, one value per run.
+STUDY_KEYS = {**{key: f"loss.{key}" for key in methods.LOSS_KEYS},
+              "learning_rate": "optim.learning_rate",
+              "fusion_weights": "slkd.fusion_weights"}
+
+
+def study_section() -> ml_collections.ConfigDict:
+  """``config.study`` (docs/studies.md): R runs of every distillation stage
+  trained as one program. ``seeds``: run ``r``'s seed (None: one run, with
+  ``config.seed``); ``vary.<key>``: run ``r``'s value of that
+  hyper-parameter (:data:`STUDY_KEYS`), a tuple as long as ``seeds``;
+  ``impl``: ``'vmap'`` | ``'unrolled'`` over the run axis (None: as
+  ``slkd.ensemble``); ``shared_data``: one training order and augmentation
+  for all runs (run 0's; the teacher's forward pass is then computed once),
+  or False: each run its own (its seed's), as separate runs would have."""
+  return ml_collections.ConfigDict({
+      "seeds": ml_collections.FieldReference(None, field_type=tuple),
+      "vary": {key: ml_collections.FieldReference(None, field_type=tuple)
+               for key in STUDY_KEYS},
+      "impl": ml_collections.FieldReference(None, field_type=str),
+      "shared_data": True,
+  })
+
+
+def order_seed(config) -> int:
+  """The seed of the training order and augmentation
+  (``data.order_seed``, else the run's seed)."""
+  seed = config.data.get("order_seed")
+  return config.seed if seed is None else seed
+
+
+def is_study(config) -> bool:
+  """Whether ``config`` trains its distillation stages as a study."""
+  study = config.get("study")
+  return study is not None and study.seeds is not None
+
+
+def run_configs(config: ml_collections.ConfigDict
+                ) -> list[ml_collections.ConfigDict]:
+  """The R runs of a study, each as the config of a separate run that would
+  train exactly that run: its seed, its ``vary`` values set on the keys of
+  :data:`STUDY_KEYS`, the shared training order as ``data.order_seed`` (with
+  ``study.shared_data``) and no study section of its own."""
+  study = config.study
+  runs = []
+  for r, seed in enumerate(study.seeds):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed = seed
+    for key, values in study.vary.items():
+      if values is not None:
+        section, name = STUDY_KEYS[key].split(".")
+        c[section][name] = values[r]
+    if study.shared_data and c.data.order_seed is None:
+      c.data.order_seed = study.seeds[0]
+    c.study = study_section()
+    runs.append(c)
+  return runs
 
 
 def did_you_mean(name: str, choices) -> str:
@@ -239,6 +305,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_loss(config, method)
   _validate_optim(config.optim)
   _validate_cadence(config)
+  if is_study(config):
+    _validate_study(config)
+
+
+def _validate_study(config) -> None:
+  """``config.study``: every run validated as the separate run it is."""
+  study = config.study
+  seeds = tuple(study.seeds)
+  _check(len(seeds) >= 1 and all(_is_int(s, 0, 2**32) for s in seeds),
+         "study.seeds", study.seeds, "None (one run) or a tuple of ints in "
+         "[0, 2**32), one per run")
+  for key, values in study.vary.items():
+    _check(values is None or len(values) == len(seeds), f"study.vary.{key}",
+           values, f"None or {len(seeds)} values, one per run of "
+           f"study.seeds")
+  _check(study.impl in (None, *ENSEMBLES), "study.impl", study.impl,
+         f"None (as slkd.ensemble) or one of {', '.join(ENSEMBLES)}")
+  _check(isinstance(study.shared_data, bool), "study.shared_data",
+         study.shared_data, "True or False")
+  for r, run in enumerate(run_configs(config)):
+    try:
+      validate(run)
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f"study run {r}: {e}") from None
 
 
 def _validate_run(config) -> None:
@@ -263,6 +353,9 @@ def _validate_run(config) -> None:
     _check(_is_int(config[key], 1), key, config[key], "an int >= 1")
   _check(_is_int(config.seed, 0, 2**32), "seed", config.seed,
          "an int in [0, 2**32)")
+  order = config.data.get("order_seed")
+  _check(order is None or _is_int(order, 0, 2**32), "data.order_seed", order,
+         "None (the run's seed) or an int in [0, 2**32)")
   _check(isinstance(config.deterministic, bool), "deterministic",
          config.deterministic, "True or False")
 

@@ -58,6 +58,9 @@ class HParams:
   dkd_warmup_factor: jax.Array  # min(epoch / warmup, 1), epoch 1-indexed
   feat_weight: jax.Array  # feature-based methods' term weight
   epoch: jax.Array  # the 1-indexed epoch (methods with their own warm-up)
+  # The run's seed (uint32): the key of per-step randomness (CRD's
+  # negatives), an array so that runs of one study draw their own.
+  seed: jax.Array
 
 
 @flax.struct.dataclass

@@ -20,6 +20,8 @@ stage whose configs differ in anything but the seed and the
 averaged: the report exits with status 2 and names the keys and the
 workdirs (``--ignore KEY`` adds a key to skip).
 
+A study's workdir (``config.study``, docs/studies.md) stands for itself
+(its teacher stage) and its runs ``runs/<r>``, each read as a workdir.
 A workdir named twice (``runs/a`` and ``runs/a/``, or through a symlink) is
 counted once, with a warning.
 """
@@ -41,6 +43,10 @@ from slkd_jax import methods, metrics
 # change what a run measures, so runs differing in them are still averaged.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed",  # what the report averages over
+    "data.order_seed",  # the data order's seed: a random draw, as the seed
+    # How a study trained its runs (one program); each run's own values
+    # (seed, loss, learning rate) are in its config.
+    "study",
     # Logging, checkpoint and preemption-polling cadence.
     "log_every_steps",
     "checkpoint_every_epochs",
@@ -164,6 +170,18 @@ def stage_config(workdir: str, stage: str) -> dict[str, Any] | None:
   training when the stage starts); None when there is none."""
   own = _read_json(os.path.join(workdir, stage, "config.json"))
   return None if own is None else config_lib.flatten(own)
+
+
+def with_study_runs(workdirs: Iterable[str]) -> list[str]:
+  """``workdirs``, each study's followed by its runs' (``runs/<r>``)."""
+  expanded = []
+  for workdir in workdirs:
+    expanded.append(workdir)
+    runs = glob.glob(os.path.join(workdir, "runs", "*", "config.json"))
+    indices = sorted(int(os.path.basename(os.path.dirname(p))) for p in runs
+                     if os.path.basename(os.path.dirname(p)).isdigit())
+    expanded += [os.path.join(workdir, "runs", str(r)) for r in indices]
+  return expanded
 
 
 def load_runs(workdirs: Iterable[str]) -> list[StageRun]:
@@ -301,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
   if missing:
     print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
     return 2
-  workdirs, warnings = unique_workdirs(args.workdirs)
+  workdirs, warnings = unique_workdirs(with_study_runs(args.workdirs))
   for warning in warnings:
     print(warning, file=sys.stderr)
   runs = load_runs(workdirs)

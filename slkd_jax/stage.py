@@ -109,6 +109,7 @@ class Stage:
         dkd_warmup_factor=arr(min(epoch / max(loss.dkd_warmup, 1e-12), 1.0)),
         feat_weight=arr(loss.feat_weight),
         epoch=arr(epoch),
+        seed=jnp.asarray(self.seed, jnp.uint32),
     )
 
 

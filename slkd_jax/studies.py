@@ -15,9 +15,10 @@ A run whose loss or parameters become NaN/Inf is frozen: from that step on
 its state no longer changes (the step returns it unchanged) and ``alive``
 marks it, so one diverging run never ends the others.
 
-Not yet: the driver (per-run metrics, summaries and best checkpoints under
-``workdir/runs/<r>/``) and methods whose step draws random numbers from the
-run's seed (CRD's negatives), which a study refuses for now.
+Runs share the data order and augmentation unless the study asks for one
+order per run (``shared_data=False``: the batch then has a run axis too and
+the teacher runs once per run). The driver (per-run metrics, summaries and
+best checkpoints under ``workdir/runs/<r>/``) is :mod:`slkd_jax.train_study`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from slkd_jax import errors, parallel, train_step
 from slkd_jax.methods import HParams
@@ -45,24 +47,18 @@ def run_slice(tree, r: int):
   return jax.tree.map(lambda leaf: leaf[r], tree)
 
 
-def _check_stage(stage: Stage) -> None:
-  if stage.method.init_buffers is not None:
-    raise errors.ConfigError(
-        f"method {stage.method.name!r} draws per-step random numbers from "
-        f"the run's seed (its memory's negatives); studies of it are not "
-        f"supported yet: train its runs separately")
-
-
 def create_runs_state(stage: Stage, mesh, seeds: Sequence[int],
-                      teacher: ModelState | None = None) -> DistillState:
+                      teacher: ModelState | None = None,
+                      train_labels=None) -> DistillState:
   """R fresh states (run ``r`` initialised as a single run with seed
   ``seeds[r]`` would be), stacked on a leading axis and replicated; the
-  teacher is attached once, without a run axis."""
-  _check_stage(stage)
-  check_inputs(stage, teacher, None)
+  teacher is attached once, without a run axis (``train_labels``: as
+  :func:`slkd_jax.state.create_state`)."""
+  check_inputs(stage, teacher, train_labels)
   keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
   replicated = parallel.replicated(mesh)
-  states = jax.jit(jax.vmap(lambda root: init_trainable(stage, root)),
+  states = jax.jit(jax.vmap(lambda root: init_trainable(stage, root,
+                                                        train_labels)),
                    out_shardings=replicated)(keys)
   if stage.method.uses_teacher:
     states = states.replace(teacher=jax.device_put(teacher, replicated))
@@ -75,15 +71,35 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def build_runs_step(stage: Stage, impl: str) -> RunsStep:
+def _over_runs(fn, impl: str, axes: tuple):
+  """``fn`` mapped over the run axis of the arguments whose ``axes`` entry
+  is 0 (None: shared), vmapped or unrolled; outputs stacked on the run
+  axis."""
+  if impl == "vmap":
+    return jax.vmap(fn, in_axes=axes)
+  if impl != "unrolled":
+    raise ValueError(f"runs impl must be 'vmap' or 'unrolled', got {impl!r}")
+
+  def unrolled(*args):
+    runs = next(a for a, axis in zip(args, axes) if axis == 0)
+    count = jax.tree.leaves(runs)[0].shape[0]
+    return stack([fn(*(arg if axis is None else run_slice(arg, r)
+                       for arg, axis in zip(args, axes)))
+                  for r in range(count)])
+
+  return unrolled
+
+
+def build_runs_step(stage: Stage, impl: str, shared_batch: bool = True
+                    ) -> RunsStep:
   """The pure step of R runs: ``step(states, alive, teacher, batch, hps) ->
-  (states, alive, metrics)`` with every output on the run axis.
+  (states, alive, metrics)`` with every output on the run axis (the batch
+  too unless ``shared_batch``).
 
   ``alive`` ``[R]`` bool: runs that have not diverged. A run that is not
   alive, or whose new loss or parameters are not finite, keeps its state;
-  ``metrics['alive']`` is its flag after this step.
+  ``metrics['alive']`` is its flag after this step (1 or 0).
   """
-  _check_stage(stage)
   single = train_step.build_train_step(stage)
 
   def guarded(state, alive, teacher, batch, hp):
@@ -91,53 +107,69 @@ def build_runs_step(stage: Stage, impl: str) -> RunsStep:
     keep = alive & jnp.isfinite(metrics["loss"]) & _all_finite(
         (new.student, new.slts, new.modules))
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
-    return new, keep, {**metrics, "alive": keep}
+    # int: the driver adds metrics over steps (bools would saturate).
+    return new, keep, {**metrics, "alive": keep.astype(jnp.int32)}
 
-  if impl == "vmap":
-    return jax.vmap(guarded, in_axes=(0, 0, None, None, 0))
-  if impl != "unrolled":
-    raise ValueError(f"runs impl must be 'vmap' or 'unrolled', got {impl!r}")
-
-  def unrolled(states, alive, teacher, batch, hps):
-    outs = [guarded(run_slice(states, r), alive[r], teacher, batch,
-                    run_slice(hps, r)) for r in range(alive.shape[0])]
-    return stack(outs)
-
-  return unrolled
+  return _over_runs(guarded, impl, (0, 0, None, None if shared_batch else 0,
+                                    0))
 
 
-def _jit_runs_step(stage: Stage, mesh, impl: str):
+def build_runs_eval_step(stage: Stage, impl: str):
+  """The pure eval step of R runs: ``(states, teacher, batch, hps) ->``
+  the sums of :func:`slkd_jax.train_step.build_eval_step` with a leading
+  run axis (the batch is shared)."""
+  single = train_step.build_eval_step(stage)
+  return _over_runs(
+      lambda state, teacher, batch, hp: single(
+          state.replace(teacher=teacher), batch, hp),
+      impl, (0, None, None, 0))
+
+
+def batch_sharding(mesh, shared_batch: bool):
+  """A study's batch sharding: examples on ``data`` (after the run axis
+  when each run has its own batch)."""
+  if shared_batch:
+    return parallel.batch_sharding(mesh)
+  return NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+
+
+def _jit_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True):
   replicated = parallel.replicated(mesh)
   return jax.jit(
-      build_runs_step(stage, impl),
+      build_runs_step(stage, impl, shared_batch),
       in_shardings=(replicated, replicated, replicated,
-                    parallel.batch_sharding(mesh), replicated),
+                    batch_sharding(mesh, shared_batch), replicated),
       out_shardings=(replicated, replicated, replicated),
       donate_argnums=(0,))
 
 
-def make_runs_step(stage: Stage, mesh, impl: str
+def _with_shared_teacher(call):
+  """``step(states, alive, batch, hps)`` over ``call(trainable, alive,
+  teacher, batch, hps)``: the teacher passed once, never donated."""
+  def step(states: DistillState, alive, batch, hps: HParams):
+    new, alive, metrics = call(states.replace(teacher=None), alive,
+                               states.teacher, batch, hps)
+    return new.replace(teacher=states.teacher), alive, metrics
+  return step
+
+
+def make_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True
                    ) -> Callable[[DistillState, jax.Array, dict, HParams],
                                  tuple[DistillState, jax.Array, dict]]:
   """The jitted, sharded study step ``step(states, alive, batch, hps)``:
   batch sharded on ``data``, states and metrics replicated, the trainable
   states donated, the teacher passed once (not donated)."""
-  jitted = _jit_runs_step(stage, mesh, impl)
-
-  def step(states: DistillState, alive, batch, hps: HParams):
-    new, alive, metrics = jitted(states.replace(teacher=None), alive,
-                                 states.teacher, batch, hps)
-    return new.replace(teacher=states.teacher), alive, metrics
-
-  return step
+  return _with_shared_teacher(_jit_runs_step(stage, mesh, impl, shared_batch))
 
 
-def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
-                    batch, hps: HParams) -> dict[str, int]:
-  """Device memory of the study step from its compiled program's memory
-  analysis (XLA's own accounting, per device): ``total_bytes`` (arguments +
-  outputs + temporaries − donated aliases) and ``per_run_bytes`` (the total
-  less the shared teacher and batch, over R runs).
+def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
+                      batch, hps: HParams, shared_batch: bool = True):
+  """:func:`make_runs_step` compiled ahead of the first step for these
+  argument shapes: ``(step, estimate)``, the estimate the device memory of
+  the program from its memory analysis (XLA's own accounting, per device):
+  ``total_bytes`` (arguments + outputs + temporaries − donated aliases) and
+  ``per_run_bytes`` (the total less the shared teacher and batch, over R
+  runs). ``hps`` must be replicated (``jax.device_put``).
 
   Raises:
     ConfigError: the total exceeds the device's memory limit, where the
@@ -145,9 +177,10 @@ def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
   """
   runs = int(jax.tree.leaves(states.student.params)[0].shape[0])
   alive = jnp.ones(runs, bool)
-  stats = _jit_runs_step(stage, mesh, impl).lower(
+  compiled = _jit_runs_step(stage, mesh, impl, shared_batch).lower(
       states.replace(teacher=None), alive, states.teacher, batch,
-      hps).compile().memory_analysis()
+      hps).compile()
+  stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
   shared = sum(x.nbytes for x in jax.tree.leaves((states.teacher, batch)))
@@ -160,5 +193,24 @@ def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
         f"({estimate['per_run_bytes'] / 2**30:.2f} GiB per run) but the "
         f"device has {limit / 2**30:.1f} GiB: use at most "
         f"{max(int((limit - shared) // max(estimate['per_run_bytes'], 1)), 0)}"
-        f" runs")
-  return estimate
+        f" runs (fewer study.seeds)")
+  return _with_shared_teacher(compiled), estimate
+
+
+def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
+                    batch, hps: HParams) -> dict[str, int]:
+  """The estimate of :func:`compile_runs_step` alone."""
+  hps = jax.device_put(hps, parallel.replicated(mesh))
+  return compile_runs_step(stage, mesh, impl, states, batch, hps)[1]
+
+
+def make_runs_eval_step(stage: Stage, mesh, impl: str):
+  """The jitted, sharded eval step of R runs: ``(states, batch, hps) ->``
+  per-run sums (see :func:`build_runs_eval_step`)."""
+  replicated = parallel.replicated(mesh)
+  jitted = jax.jit(build_runs_eval_step(stage, impl),
+                   in_shardings=(replicated, replicated,
+                                 parallel.batch_sharding(mesh), replicated),
+                   out_shardings=replicated)
+  return lambda states, batch, hps: jitted(states.replace(teacher=None),
+                                           states.teacher, batch, hps)

@@ -15,14 +15,13 @@ teacher of every architecture is trained once in ``DIR/teachers/<arch>``
 that distils from it. Finished runs are skipped, unfinished ones resume
 (``train.run`` resumes from the latest checkpoint), so the command can be
 stopped (SIGTERM/SIGINT: exit 75) and rerun at any point without losing
-work. After every run it rewrites ``DIR/table.md`` (rows = rows, columns =
+work. After every cell it rewrites ``DIR/table.md`` (rows = rows, columns =
 pairs, mean ± std of the best-epoch top-1 over the finished seeds, the
 paper's number and the difference, links to the runs; then the same for the
 last epoch), ``table.csv`` and ``table.json`` (every run's numbers), and
-prints a progress line over the whole table.
-
-The runs of a table execute one after the other; R seeds of one cell in one
-compiled program (a leading run axis) is not implemented yet.
+prints a progress line over the whole table. A run that diverges is
+frozen (the cell's other seeds go on), marked in ``table.csv`` and left
+out of its cell's mean.
 """
 
 from __future__ import annotations
@@ -54,15 +53,16 @@ class Run:
   pair: str
   seed: int
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: str  # the run's own (a study's runs/<i>)
   paper: float | None
+  cell_dir: str  # the cell's study (one_program), else the run's workdir
 
 
 def table_config(*, title: str, presets: str, pairs: Sequence[str],
                  rows: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
                  variants: dict | None = None, overrides: dict | None = None,
-                 teachers: dict | None = None, teacher_seed: int = 0
-                 ) -> ml_collections.ConfigDict:
+                 teachers: dict | None = None, teacher_seed: int = 0,
+                 one_program: bool = True) -> ml_collections.ConfigDict:
   """A table config (what ``configs/tables/*.py`` return).
 
   Args:
@@ -78,12 +78,15 @@ def table_config(*, title: str, presets: str, pairs: Sequence[str],
     overrides: nested config values set on every run (and teacher).
     teachers: teacher architecture → checkpoint, instead of training it.
     teacher_seed: the seed of the teachers the table trains.
+    one_program: train each cell's seeds together, as one study (one
+      compiled program, the batch and the teacher's forward pass shared);
+      False: one run after the other.
   """
   return ml_collections.ConfigDict({
       "title": title, "presets": presets, "pairs": tuple(pairs),
       "rows": tuple(rows), "seeds": tuple(seeds), "variants": variants or {},
       "overrides": overrides or {}, "teachers": teachers or {},
-      "teacher_seed": teacher_seed})
+      "teacher_seed": teacher_seed, "one_program": one_program})
 
 
 def load_presets(path: str):
@@ -139,17 +142,44 @@ def plan(spec, workdir: str) -> list[Run]:
       paper = row_paper.get(pair)
       if paper is None and paper_top1 is not None:
         paper = paper_top1(pair, method)
-      for seed in spec.seeds:
+      cell_dir = os.path.join(workdir, "runs", pair, label)
+      for i, seed in enumerate(spec.seeds):
         c = presets.get_config(f"{pair},{method}")
         c.compare_with = ()
         apply_overrides(c, dict(spec.get("overrides", {}) or {}), "overrides")
         apply_overrides(c, row_overrides, f"variants.{label}.overrides")
         c.seed = int(seed)
         config_lib.validate(c)
-        runs.append(Run(label, method, pair, int(seed), c,
-                        os.path.join(workdir, "runs", pair, label,
-                                     f"seed_{seed}"), paper))
+        if runs_as_studies(spec):
+          run_dir = os.path.join(cell_dir, "runs", str(i))
+        else:
+          run_dir = cell_dir = os.path.join(workdir, "runs", pair, label,
+                                            f"seed_{seed}")
+        runs.append(Run(label, method, pair, int(seed), c, run_dir, paper,
+                        cell_dir))
   return runs
+
+
+def runs_as_studies(spec) -> bool:
+  """Whether the table trains each cell's seeds as one study."""
+  return bool(spec.get("one_program", True))
+
+
+def cells_of(runs: Sequence[Run]) -> dict[str, list[int]]:
+  """The runs (indices) of each cell's study directory, in table order."""
+  cells: dict[str, list[int]] = {}
+  for i, run in enumerate(runs):
+    cells.setdefault(run.cell_dir, []).append(i)
+  return cells
+
+
+def study_config(runs: Sequence[Run]) -> ml_collections.ConfigDict:
+  """The config of a cell trained as one study: its first run's, with
+  every run's seed in ``study.seeds``."""
+  c = runs[0].config.copy_and_resolve_references()
+  c.study.seeds = tuple(run.seed for run in runs)
+  config_lib.validate(c)
+  return c
 
 
 def attach_teachers(spec, runs: Sequence[Run], workdir: str
@@ -189,14 +219,27 @@ def stage_result(workdir: str, stage: str):
   return None
 
 
+def diverged(run: Run) -> str | None:
+  """``'diverged at step N (terms)'`` when the run's study froze it."""
+  if run.cell_dir == run.workdir:
+    return None
+  try:
+    with open(os.path.join(run.cell_dir, run.method, "study.json")) as f:
+      status = json.load(f)["runs"][int(os.path.basename(run.workdir))][
+          "status"]
+  except FileNotFoundError:
+    return None
+  return None if status == "done" else status
+
+
 def run_numbers(run: Run) -> dict[str, Any]:
   """One run's record for ``table.csv`` / ``table.json`` (best and last
-  top-1 None until it is finished)."""
+  top-1 None until it is finished; ``diverged``: why it never will)."""
   done = stage_result(run.workdir, run.method)
   record = {"row": run.row, "method": run.method, "pair": run.pair,
             "seed": run.seed, "workdir": run.workdir, "paper": run.paper,
-            "finished": done is not None, "best_top1": None,
-            "best_epoch": None, "last_top1": None}
+            "finished": done is not None, "diverged": diverged(run),
+            "best_top1": None, "best_epoch": None, "last_top1": None}
   if done is not None:
     best, best_epoch, last = metrics.best_and_last(done.result,
                                                    "student/top1")
@@ -237,7 +280,10 @@ def render(spec, records: Sequence[dict], key: str, workdir: str) -> str:
           f"[{r['seed']}]({os.path.relpath(r['workdir'], workdir)})"
           for r in mine if r["finished"])
       paper = mine[0]["paper"] if mine else None
-      cells.append(_cell(values, seeds, paper) + (f" {links}" if links else ""))
+      lost = sum(1 for r in mine if r.get("diverged"))
+      cells.append(_cell(values, seeds, paper)
+                   + (f" ({lost} diverged)" if lost else "")
+                   + (f" {links}" if links else ""))
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -290,12 +336,15 @@ class Progress:
     self.done, self.images, self.seconds = 0, 0, 0.0
     self.out = out
 
-  def skip(self, images: int) -> None:
-    self.done += 1
-    self.images_left -= images
+  def skip(self, images: int, runs: int = 1) -> None:
+    """``runs`` runs of ``images`` each are done (or were already)."""
+    self.done += runs
+    self.images_left -= images * runs
 
-  def trained(self, images: int, seconds: float, what: str) -> None:
-    self.skip(images)
+  def trained(self, images: int, seconds: float, what: str,
+              runs: int = 1) -> None:
+    """``images`` in all were trained in ``seconds`` (``runs`` runs)."""
+    self.skip(images // runs, runs)
     self.images += images
     self.seconds += seconds
     rate = self.images / max(self.seconds, 1e-9)
@@ -313,7 +362,7 @@ def _duration(seconds: float) -> str:
 
 def run_table(spec, workdir: str, out: Callable[[str], None] = print
               ) -> list[dict]:
-  """Train every unfinished run (teachers first), rewriting the outputs
+  """Train every unfinished cell (teachers first), rewriting the outputs
   after each; returns every run's record."""
   from slkd_jax import train  # noqa: PLC0415 (jax only when training)
   os.makedirs(workdir, exist_ok=True)
@@ -323,46 +372,55 @@ def run_table(spec, workdir: str, out: Callable[[str], None] = print
                       sum(images_of(c) for c in teachers.values())
                       + sum(images_of(r.config) for r in runs), out)
   for teacher_dir, config in teachers.items():
-    _train_once(train, config, teacher_dir, "ce", progress,
-                f"teacher {config.student.arch}")
-  # Each run's record is read once, when it is known to be finished.
-  records = [run_numbers(r) for r in runs]
-  for i, run in enumerate(runs):
-    if records[i]["finished"]:
-      progress.skip(images_of(run.config))
+    if stage_result(teacher_dir, "ce") is not None:
+      progress.skip(images_of(config))
       continue
-    _train_once(train, run.config, run.workdir, run.method, progress,
-                f"{run.row} on {run.pair}, seed {run.seed}")
-    records[i] = run_numbers(run)
+    _train(train, config, teacher_dir, progress, 1,
+           f"teacher {config.student.arch}")
+  # Each run's record is read once, when it is known to be done.
+  records = [run_numbers(r) for r in runs]
+  for cell_dir, members in cells_of(runs).items():
+    cell = [runs[i] for i in members]
+    images = images_of(cell[0].config)
+    if all(records[i]["finished"] or records[i]["diverged"]
+           for i in members):
+      progress.skip(images, len(cell))
+      continue
+    config = study_config(cell) if runs_as_studies(spec) else cell[0].config
+    seeds = ", ".join(str(run.seed) for run in cell)
+    _train(train, config, cell_dir, progress, len(cell),
+           f"{cell[0].row} on {cell[0].pair}, seed{'s' * (len(cell) > 1)} "
+           f"{seeds}")
+    for i in members:
+      records[i] = run_numbers(runs[i])
     write_outputs(spec, records, workdir)
   write_outputs(spec, records, workdir)
   out(f"table: all {len(runs)} runs finished; {os.path.join(workdir, 'table.md')}")
   return records
 
 
-def _train_once(train, config, workdir: str, stage: str, progress: Progress,
-                what: str) -> None:
-  """Train ``config`` in ``workdir`` unless its ``stage`` is finished."""
-  images = images_of(config)
-  if stage_result(workdir, stage) is not None:
-    progress.skip(images)
-    return
+def _train(train, config, workdir: str, progress: Progress, runs: int,
+           what: str) -> None:
+  """Train ``config`` (``runs`` runs) in ``workdir``, timed."""
   start = time.perf_counter()
   train.run(config, workdir)
-  progress.trained(images, time.perf_counter() - start, what)
+  progress.trained(images_of(config) * runs, time.perf_counter() - start,
+                   what, runs)
 
 
 # ---------------------------------------------------------------------------
 # --dry-run
 
 
-def measure_images_per_second(config, steps: int = 2) -> float:
-  """Training images/s of ``config``'s method on this machine: one jitted
-  step (random teacher, a random batch of the run's shape), compiled once,
-  then timed over ``steps`` steps."""
+def measure_images_per_second(config, runs: int = 1, steps: int = 2
+                              ) -> float:
+  """Training images/s of each of ``runs`` runs of ``config``'s method
+  trained together as one study (one run: the plain step) on this machine:
+  the jitted step (random teacher, a random batch of the run's shape),
+  compiled once, then timed over ``steps`` steps."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from slkd_jax import parallel, train_step  # noqa: PLC0415
+  from slkd_jax import parallel, studies, train_step  # noqa: PLC0415
   from slkd_jax import stage as stage_lib  # noqa: PLC0415
   from slkd_jax import state as state_lib  # noqa: PLC0415
   c = config_lib.stage_config(config, config.method)
@@ -377,19 +435,28 @@ def measure_images_per_second(config, steps: int = 2) -> float:
   n = TRAIN_EXAMPLES.get(c.data.name, c.data.num_train)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, c.data.num_classes, n).astype(np.int32)
-  state = state_lib.create_state(stage, mesh, teacher, labels)
-  step = train_step.make_train_step(stage, mesh)
   b = c.batch_size
   batch = jax.device_put({
       "image": rng.standard_normal((b, *stage.image_shape), np.float32),
       "label": labels[:b], "mask": np.ones(b, bool),
       "index": np.arange(b, dtype=np.int32)}, parallel.batch_sharding(mesh))
-  hp = stage.hparams(1)
-  state, m = step(state, batch, hp)
+  if runs == 1:
+    state = state_lib.create_state(stage, mesh, teacher, labels)
+    step = train_step.make_train_step(stage, mesh)
+    hp = stage.hparams(1)
+    advance = lambda s: step(s, batch, hp)  # noqa: E731
+  else:
+    state = studies.create_runs_state(stage, mesh, range(runs), teacher,
+                                      labels)
+    step = studies.make_runs_step(stage, mesh,
+                                  c.study.impl or c.slkd.ensemble)
+    hps, alive = studies.stack([stage.hparams(1)] * runs), np.ones(runs, bool)
+    advance = lambda s: step(s, alive, batch, hps)[::2]  # noqa: E731
+  state, m = advance(state)
   jax.block_until_ready(m)
   start = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, batch, hp)
+    state, m = advance(state)
   jax.block_until_ready(m)
   return steps * b / (time.perf_counter() - start)
 
@@ -406,8 +473,10 @@ def dry_run(spec, workdir: str, measure: bool,
     for pair in spec.pairs:
       mine = [r for r in runs if r.row == label and r.pair == pair]
       images = images_of(mine[0].config)
-      seconds = (images / measure_images_per_second(mine[0].config)
-                 if measure else None)
+      together = len(mine) if runs_as_studies(spec) else 1
+      # A study's runs advance together: its time, shared by its runs.
+      seconds = (images / measure_images_per_second(mine[0].config, together)
+                 / together if measure else None)
       cells.append({"row": label, "pair": pair, "method": mine[0].method,
                     "runs": len(mine), "paper": mine[0].paper,
                     "images_per_run": images, "seconds_per_run": seconds})

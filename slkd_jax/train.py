@@ -86,11 +86,23 @@ class _Loop:
 def evaluate(eval_fn, state, eval_data, hp) -> dict[str, float]:
   """One pass over the eval split: top-1/top-5 (%) and CE per network
   (``hp``: the hyper-parameters of the epoch evaluated, for the fusion)."""
+  return eval_record(parallel.global_to_host(
+      eval_sums(lambda batch: eval_fn(state, batch, hp), eval_data)))
+
+
+def eval_sums(sums_of, eval_data):
+  """The eval step's sums (``sums_of(batch)``) added over the split."""
   total = None
   for batch in eval_data:
-    sums = eval_fn(state, batch, hp)
+    sums = sums_of(batch)
     total = sums if total is None else _add(total, sums)
-  host = parallel.global_to_host(total)
+  return total
+
+
+def eval_record(host: dict[str, Any]) -> dict[str, float]:
+  """Host sums of one pass → top-1/top-5 (%) and mean CE per network, the
+  stacked SL-Ts as ``slt_0``, ``slt_1``, ..."""
+  host = dict(host)
   count = float(host.pop("count"))
   result = {}
   for key, value in host.items():
@@ -127,7 +139,7 @@ def _check_finite(step: int, averages: dict[str, Any], loop: _Loop) -> None:
                            f"{', '.join(sorted(bad))} at step {step}. {where}")
 
 
-def _flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
+def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
   """``{'slt/acc': [a, b]}`` → ``{'slt_0/acc': a, 'slt_1/acc': b}``: one
   ``<network>/<quantity>`` key per stacked network."""
   flat = {}
@@ -146,38 +158,49 @@ def _flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
 # One stage.
 
 
-def _check_resume_config(loop: _Loop, saved: dict[str, Any]) -> None:
-  conflicts, accepted = config_lib.resume_changes(saved, loop.config)
+def _check_resume_config(name: str, stage_dir: str, config,
+                         saved: dict[str, Any]) -> None:
+  conflicts, accepted = config_lib.resume_changes(saved, config)
   if conflicts:
     changes = ", ".join(f"{k}: {old!r} -> {new!r}"
                         for k, (old, new) in conflicts.items())
     raise ConfigError(
-        f"stage {loop.name!r} in {loop.stage_dir} was started with another "
+        f"stage {name!r} in {stage_dir} was started with another "
         f"config ({changes}); set these back to resume it, or use a new "
         f"--workdir")
   for key, (old, new) in accepted.items():
     logging.info("stage %s: %s changed from %r to %r since the checkpoint",
-                 loop.name, key, old, new)
+                 name, key, old, new)
 
 
-def _restore(loop: _Loop, state) -> tuple[Any, int, int]:
-  """Resume from the stage's latest checkpoint: ``(state, epoch,
-  step_in_epoch)``; a fresh start when there is none.
+def restore_latest(ckpt: checkpoint.Checkpointer, name: str, stage_dir: str,
+                   config, target) -> tuple[Any, dict[str, Any]] | None:
+  """``(state, meta)`` of a stage's latest readable checkpoint (restored
+  into ``target``'s shapes and shardings), None when it has none.
 
   Raises:
     ConfigError: the checkpoint was written under a config whose meaning
       differs (architecture, batch size, recipe, ...): named in one line.
   """
-  saved = loop.ckpt.latest_meta()
+  saved = ckpt.latest_meta()
   if saved is not None:  # before the state: another arch has other shapes
-    _check_resume_config(loop, saved["config"])
-  restored = loop.ckpt.restore_latest(
+    _check_resume_config(name, stage_dir, config, saved["config"])
+  restored = ckpt.restore_latest(target)
+  if restored is not None and (saved is None
+                               or restored[1]["config"] != saved["config"]):
+    _check_resume_config(name, stage_dir, config, restored[1]["config"])
+  return restored
+
+
+def _restore(loop: _Loop, state) -> tuple[Any, int, int]:
+  """Resume from the stage's latest checkpoint: ``(state, epoch,
+  step_in_epoch)``; a fresh start when there is none."""
+  restored = restore_latest(
+      loop.ckpt, loop.name, loop.stage_dir, loop.config,
       checkpoint.abstract_like(state.replace(teacher=None), loop.mesh))
   if restored is None:
     return state, 0, 0
   trainable, meta = restored
-  if saved is None or meta["config"] != saved["config"]:
-    _check_resume_config(loop, meta["config"])
   loop.history[:] = meta["history"]
   epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
   logging.info("stage %s: resumed at epoch %d, step %d (global step %d)",
@@ -209,7 +232,7 @@ def _train_epoch(loop: _Loop, step_fn, state, epoch: int, start_step: int,
     stop = loop.stop.should_stop(global_step)
     if ((step_in_epoch + 1) % log_every == 0 or stop
         or step_in_epoch + 1 == steps_per_epoch):
-      sums = _flatten_metrics(jax.device_get(window))
+      sums = flatten_metrics(jax.device_get(window))
       averages = {k: v / window_steps for k, v in sums.items()}
       _check_finite(global_step, averages, loop)  # before any save
       for k, v in sums.items():
@@ -257,21 +280,24 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
     loop.best_ckpt.save(global_step, trainable, loop.meta(epoch, 0))
     loop.best_ckpt.wait()
     if is_main:
-      _save_model(loop, state, "best_model", epoch, record)
+      save_model(loop.stage, loop.config, loop.stage_dir, "best_model",
+                 state, epoch, record)
   if is_main:
     metrics.plot_history(loop.history, os.path.join(loop.stage_dir, "plots"))
 
 
-def _save_model(loop: _Loop, state, name: str, epoch: int, record) -> None:
-  """The stage's trained network alone (loadable as a teacher): the
-  student, or what its method deploys from it (TESKD: the backbone)."""
-  variables, arch = state.student.variables, loop.config.student.arch
-  if loop.stage.method.deployed_model is not None:
-    variables, arch = loop.stage.method.deployed_model(variables, arch)
-  artifact.save(os.path.join(loop.stage_dir, name), variables, arch=arch,
-                num_classes=loop.config.data.num_classes,
-                source={"stage": loop.name, "method": loop.config.method,
-                        "epoch": epoch},
+def save_model(stage: stage_lib.Stage, config, stage_dir: str, name: str,
+               state, epoch: int, record) -> None:
+  """A stage's trained network alone in ``stage_dir/name`` (loadable as a
+  teacher): the student, or what its method deploys from it (TESKD: the
+  backbone)."""
+  variables, arch = state.student.variables, config.student.arch
+  if stage.method.deployed_model is not None:
+    variables, arch = stage.method.deployed_model(variables, arch)
+  artifact.save(os.path.join(stage_dir, name), variables, arch=arch,
+                num_classes=config.data.num_classes,
+                source={"stage": os.path.basename(stage_dir),
+                        "method": config.method, "epoch": epoch},
                 top1=record.get("student/top1"),
                 top5=record.get("student/top5"))
 
@@ -298,7 +324,7 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
     state = state_lib.create_state(loop.stage, mesh, teacher,
                                    getattr(train_data, "labels", None))
     if is_main:
-      _log_parameter_counts(name, state)
+      log_parameter_counts(name, state)
     state, epoch, start_step = _restore(loop, state)
     trains = epoch < config.num_epochs
     if trains:
@@ -309,14 +335,14 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
   if is_main:
     if trains or not artifact.is_artifact(
         os.path.join(stage_dir, "final_model")):
-      _save_model(loop, state, "final_model", config.num_epochs,
-                  loop.history[-1] if loop.history else {})
-    _write_stage_summary(stage_dir, name, metrics.reported_history(
+      save_model(loop.stage, config, stage_dir, "final_model", state,
+                 config.num_epochs, loop.history[-1] if loop.history else {})
+    write_stage_summary(stage_dir, name, metrics.reported_history(
         loop.history, config.get("report_best_after_epoch", 0)))
   return StageResult(name, config.method, state, loop.history)
 
 
-def _log_parameter_counts(name: str, state) -> None:
+def log_parameter_counts(name: str, state) -> None:
   """Parameters per trained network and the method's extra modules
   (mdistiller's "extra parameters")."""
   from slkd_jax.models.layers import count_params
@@ -374,7 +400,7 @@ def _eval_line(record: dict[str, Any]) -> str:
   return ", ".join(f"{k.split('/')[0]} {record[k]:.2f}%" for k in keys)
 
 
-def _write_stage_summary(stage_dir: str, name: str,
+def write_stage_summary(stage_dir: str, name: str,
                          history: list[dict[str, Any]]) -> None:
   table = metrics.summary_table(metrics.network_rows(history),
                                 metrics.NETWORK_COLUMNS)
@@ -465,7 +491,8 @@ def run(config: ml_collections.ConfigDict, workdir: str
 
   data = data_lib.create_datasets(
       config.data, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
+      eval_batch_size=config.eval_batch_size,
+      seed=config_lib.order_seed(config), mesh=mesh)
   _check_data(config, data[0])
   stop = preemption.StopAgreement(preemption.StopSignal().install(),
                                   config.preemption_check_seconds)
@@ -475,16 +502,28 @@ def run(config: ml_collections.ConfigDict, workdir: str
   teacher = None
   if any(methods.get(m).uses_teacher for m in stages):
     teacher = _teacher(config, workdir, mesh, data, stop, results)
+  study = config_lib.is_study(config)
   for method in stages:
-    results[method] = run_stage(stage_config(config, method), method,
-                                os.path.join(workdir, method), mesh, *data,
-                                teacher, stop)
+    if study:
+      from slkd_jax import train_study  # noqa: PLC0415 (imports this module)
+      results.update(train_study.run_stage(config, method, workdir, mesh,
+                                           data[1], teacher, stop))
+    else:
+      results[method] = run_stage(stage_config(config, method), method,
+                                  os.path.join(workdir, method), mesh, *data,
+                                  teacher, stop)
   _write_run_config(config, workdir)
   if jax.process_index() == 0:
+    if study:
+      train_study.write_run_workdirs(config, workdir, results)
     table = comparison_table(
         {name: dataclasses.replace(r, history=metrics.reported_history(
             r.history, config.get("report_best_after_epoch", 0)))
          for name, r in results.items()})
+    if study:  # each stage's runs, mean ± std
+      table = "\n\n".join([table, *(
+          open(os.path.join(workdir, m, "summary.md")).read().strip()
+          for m in stages)])
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     print(table, flush=True)

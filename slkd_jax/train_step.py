@@ -107,16 +107,17 @@ def _bind_modules(nets: Networks, states: dict[str, TrainState] | None,
 
 
 def _student_objective(method: methods.Method, state: DistillState, logits,
-                       batch, hp, seed: int, **kwargs):
+                       batch, hp, **kwargs):
   """``(loss, terms, buffers)`` of ``method``'s student objective; methods
   with buffers also see them, the batch (dataset ``index``) and a key of
-  this step (from the run's seed and the global step: exact on resume)."""
+  this step (from the run's seed ``hp.seed`` and the global step: exact on
+  resume)."""
   labels, mask = batch["label"], batch["mask"]
   if method.init_buffers is None:
     return (*method.student_objective(logits, labels, mask, hp, **kwargs),
             None)
   rng = jax.random.fold_in(jax.random.fold_in(
-      jax.random.key(seed), STEP_RNG_TAG), state.step)
+      jax.random.key(hp.seed), STEP_RNG_TAG), state.step)
   return method.student_objective(logits, labels, mask, hp,
                                   buffers=state.buffers, batch=batch, rng=rng,
                                   **kwargs)
@@ -199,7 +200,7 @@ def build_train_step(stage: Stage
       logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
       module_stats = {}
       loss, terms, buffers = _student_objective(
-          method, state, logits, batch, hp, stage.seed,
+          method, state, logits, batch, hp,
           detach_fused_target=detach,
           settings=settings,
           modules=_bind_modules(nets, state.modules, module_params,

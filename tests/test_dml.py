@@ -47,7 +47,7 @@ def tiny_batch(n=12, seed=0):
 
 def hparams(temperature=1.0, ce_weight=1.0, kd_weight=1.0):
   f = jnp.float64
-  return methods.HParams(*[jnp.asarray(0.0, f)] * 15).replace(
+  return methods.HParams(*[jnp.asarray(0.0, f)] * 16).replace(
       temperature=jnp.asarray(temperature, f),
       ce_weight=jnp.asarray(ce_weight, f), kd_weight=jnp.asarray(kd_weight, f))
 

@@ -178,7 +178,7 @@ def hparams(**overrides):
                 temperature=4.0, fused_weight=1.0, fused_ce_weight=1.0,
                 fused_kd_weight=1.0, slt_ce_weight=0.1, slt_kd_weight=0.9,
                 fusion_weights=[0.5, 0.5], dkd_alpha=1.0, dkd_beta=8.0,
-                dkd_warmup_factor=1.0, feat_weight=0.0, epoch=1.0)
+                dkd_warmup_factor=1.0, feat_weight=0.0, epoch=1.0, seed=0.0)
   values.update(overrides)
   return methods.HParams(**{k: f64(v) for k, v in values.items()})
 

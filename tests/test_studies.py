@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
-from slkd_jax import errors, parallel, studies, train_step
+from slkd_jax import parallel, studies, train_step
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 
 SEEDS = (0, 1, 2)
 TEMPERATURES = (4.0, 2.0, 1.0)
+
+
+LABELS = np.arange(40, dtype=np.int32) % 5  # CRD's memory: 40 examples
 
 
 def tiny_config(method="slkd", seed=0):
@@ -23,6 +26,7 @@ def tiny_config(method="slkd", seed=0):
   c.teacher.arch = c.student.arch = "resnet8"
   c.slkd.num_slts = 1  # the run axis is what is tested; keep compiles small
   c.batch_size = 16
+  c.recipes.crd.nce_k, c.recipes.crd.feat_dim = 8, 16
   return config_lib.stage_config(c, method)
 
 
@@ -32,53 +36,82 @@ def teacher_of(stage):
   return state_lib.ModelState(params, jax.tree.map(lambda s: s + 0.1, stats))
 
 
-def batches(mesh, n):
-  rng = np.random.default_rng(0)
-  for _ in range(n):
-    yield jax.device_put(
-        {"image": rng.standard_normal((16, 8, 8, 3)),
-         "label": rng.integers(0, 5, 16).astype(np.int32),
-         "mask": np.arange(16) < 13}, parallel.batch_sharding(mesh))
+def host_batches(n, data_seed=0):
+  rng = np.random.default_rng(data_seed)
+  for i in range(n):
+    yield {"image": rng.standard_normal((16, 8, 8, 3)),
+           "label": rng.integers(0, 5, 16).astype(np.int32),
+           "mask": np.arange(16) < 13,
+           "index": (np.arange(16, dtype=np.int32) + 16 * i) % 40}
 
 
-def separate_run(method, seed, temperature, mesh, n):
+def batches(mesh, n, data_seed=0):
+  for batch in host_batches(n, data_seed):
+    yield jax.device_put(batch, parallel.batch_sharding(mesh))
+
+
+def run_batches(mesh, n):
+  """Run r's own batches (data seed r), stacked on a run axis."""
+  for per_run in zip(*(host_batches(n, r) for r in range(len(SEEDS)))):
+    yield jax.device_put(studies.stack(per_run),
+                         studies.batch_sharding(mesh, shared_batch=False))
+
+
+def separate_run(method, seed, temperature, mesh, n, data_seed=0):
   stage = stage_lib.resolve(tiny_config(method, seed))
-  state = state_lib.create_state(stage, mesh, teacher_of(stage))
+  state = state_lib.create_state(stage, mesh, teacher_of(stage), LABELS)
   step = train_step.make_train_step(stage, mesh)
   hp = stage.hparams(1).replace(temperature=jnp.asarray(temperature))
-  for batch in batches(mesh, n):
+  for batch in batches(mesh, n, data_seed):
     state, _ = step(state, batch, hp)
   return jax.device_get(state.replace(teacher=None))
 
 
 def study(method, impl, mesh, n, temperatures=TEMPERATURES,
-          learning_rates=None):
-  stage = stage_lib.resolve(tiny_config(method))
-  states = studies.create_runs_state(stage, mesh, SEEDS, teacher_of(stage))
+          learning_rates=None, shared_batch=True):
+  stages = [stage_lib.resolve(tiny_config(method, seed)) for seed in SEEDS]
+  states = studies.create_runs_state(stages[0], mesh, SEEDS,
+                                     teacher_of(stages[0]), LABELS)
   hps = studies.stack([
       stage.hparams(1).replace(
           temperature=jnp.asarray(t),
           learning_rate=(stage.hparams(1).learning_rate if learning_rates is None
                          else jnp.asarray(learning_rates[r])))
-      for r, t in enumerate(temperatures)])
-  step = studies.make_runs_step(stage, mesh, impl)
+      for r, (stage, t) in enumerate(zip(stages, temperatures))])
+  step = studies.make_runs_step(stages[0], mesh, impl, shared_batch)
   alive = jnp.ones(len(SEEDS), bool)
-  for batch in batches(mesh, n):
+  data = batches(mesh, n) if shared_batch else run_batches(mesh, n)
+  for batch in data:
     states, alive, metrics = step(states, alive, batch, hps)
   return jax.device_get(states.replace(teacher=None)), np.asarray(alive)
 
 
+def assert_runs_equal(together, r, alone):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-10, atol=1e-13), studies.run_slice(together, r), alone)
+
+
 @pytest.mark.parametrize("method,impl", [("slkd", "unrolled"),
-                                         ("kd", "vmap")])
+                                         ("kd", "vmap"),
+                                         ("crd", "unrolled")])
 def test_runs_in_one_step_equal_separate_runs(method, impl):
+  """CRD too: each run's memory and its negatives (drawn from its own seed,
+  ``hp.seed``) are its own."""
   with jax.enable_x64(True):
     mesh = parallel.make_mesh()
     together, alive = study(method, impl, mesh, 2)
     assert alive.all()
     for r, (seed, t) in enumerate(zip(SEEDS, TEMPERATURES)):
-      alone = separate_run(method, seed, t, mesh, 2)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(
-          a, b, rtol=1e-10, atol=1e-13), studies.run_slice(together, r), alone)
+      assert_runs_equal(together, r, separate_run(method, seed, t, mesh, 2))
+
+
+def test_runs_with_their_own_batches_equal_separate_runs():
+  with jax.enable_x64(True):
+    mesh = parallel.make_mesh()
+    together, _ = study("kd", "vmap", mesh, 2, shared_batch=False)
+    for r, (seed, t) in enumerate(zip(SEEDS, TEMPERATURES)):
+      assert_runs_equal(together, r,
+                        separate_run("kd", seed, t, mesh, 2, data_seed=r))
 
 
 def test_a_diverging_run_is_frozen_and_the_others_go_on():
@@ -97,14 +130,6 @@ def test_a_diverging_run_is_frozen_and_the_others_go_on():
       alone = separate_run("kd", SEEDS[r], TEMPERATURES[r], mesh, 2)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(
           a, b, rtol=1e-10, atol=1e-13), studies.run_slice(together, r), alone)
-
-
-def test_a_study_of_crd_is_refused_in_one_line():
-  c = tiny_config("kd")
-  c.method = "crd"
-  stage = stage_lib.resolve(config_lib.stage_config(c, "crd"))
-  with pytest.raises(errors.ConfigError, match="not supported yet"):
-    studies.build_runs_step(stage, "vmap")
 
 
 def test_memory_estimate_grows_with_the_runs():

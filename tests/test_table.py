@@ -37,11 +37,16 @@ def finished_table(tmp_path_factory):
 
 
 def test_cells_are_mean_and_std_of_the_runs_own_best_top1(finished_table):
+  """Each cell's two seeds trained as one study; its runs read as
+  separate workdirs."""
   workdir, records = finished_table
   assert len(records) == 4 and all(r["finished"] for r in records)
   for row in ("ce", "kd"):
-    runs = report.load_runs([os.path.join(workdir, "runs", "resnet14-resnet8",
-                                          row, f"seed_{s}") for s in (0, 1)])
+    cell = os.path.join(workdir, "runs", "resnet14-resnet8", row)
+    study = json.load(open(os.path.join(cell, row, "study.json")))
+    assert [r["seed"] for r in study["runs"]] == [0, 1]
+    runs = report.load_runs([os.path.join(cell, "runs", str(i))
+                             for i in (0, 1)])
     best = [metrics.best_and_last(r.result, "student/top1")[0] for r in runs
             if r.stage == row]
     assert len(best) == 2
@@ -53,8 +58,8 @@ def test_cells_are_mean_and_std_of_the_runs_own_best_top1(finished_table):
   # The distilled runs share the one teacher the table trained.
   teacher = os.path.join(workdir, "teachers", "resnet8", "ce", "final_model")
   kd = json.load(open(os.path.join(workdir, "runs", "resnet14-resnet8", "kd",
-                                   "seed_0", "config.json")))
-  assert kd["teacher"]["checkpoint"] == teacher
+                                   "runs", "1", "config.json")))
+  assert kd["teacher"]["checkpoint"] == teacher and kd["seed"] == 1
 
 
 def test_a_finished_table_reruns_without_training(finished_table,
@@ -82,7 +87,8 @@ def test_a_stopped_table_resumes_to_the_same_numbers(finished_table, tmp_path,
     def epoch(e, start_step=0):
       for batch in epoch_fn(e, start_step):
         batches.append(e)
-        if len(batches) == 3 + 3 + 2:  # teacher, run 1, 2 steps of run 2
+        # teacher, the ce cell (its first batch compiles), 2 steps of kd
+        if len(batches) == 3 + (1 + 3) + (1 + 2):
           os.kill(os.getpid(), signal.SIGTERM)
         yield batch
 
@@ -93,11 +99,21 @@ def test_a_stopped_table_resumes_to_the_same_numbers(finished_table, tmp_path,
                       sigterm_in_the_third_run)
   with pytest.raises(train.Preempted):
     table.run_table(tiny_spec(), str(tmp_path), out=lambda _: None)
+  assert len(batches) == 3 + 4 + 3  # stopped in the kd cell
   monkeypatch.undo()
   resumed = table.run_table(tiny_spec(), str(tmp_path), out=lambda _: None)
   for a, b in zip(resumed, uninterrupted):
     assert (a["best_top1"], a["last_top1"]) == (b["best_top1"],
                                                 b["last_top1"])
+
+
+def test_runs_one_after_the_other_have_their_own_workdirs():
+  spec = tiny_spec()
+  spec.one_program = False
+  runs = table.plan(spec, "/t")
+  assert [r.workdir for r in runs[:2]] == [
+      "/t/runs/resnet14-resnet8/ce/seed_0", "/t/runs/resnet14-resnet8/ce/seed_1"]
+  assert [r.cell_dir for r in runs[:2]] == [r.workdir for r in runs[:2]]
 
 
 def test_dry_run_of_table1_lists_every_cell_with_the_paper_number():
@@ -115,7 +131,8 @@ def test_dry_run_of_table1_lists_every_cell_with_the_paper_number():
 
 
 def test_dry_run_measures_a_step():
-  cells = table.dry_run(tiny_spec(rows=("kd",), seeds=(0,)), "/nonexistent",
+  """Of the cell's study (its two seeds in one step)."""
+  cells = table.dry_run(tiny_spec(rows=("kd",), seeds=(0, 1)), "/nonexistent",
                         measure=True, out=lambda _: None)
   assert np.isfinite(cells[0]["seconds_per_run"])
   assert cells[0]["seconds_per_run"] > 0
