@@ -271,9 +271,7 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
   if epoch % config.checkpoint_every_epochs == 0 or (
       epoch == config.num_epochs):
     loop.ckpt.save(global_step, trainable, loop.meta(epoch, 0))
-  reported = metrics.reported_history(loop.history,
-                              config.get("report_best_after_epoch", 0))
-  if metrics.best_and_last(reported, "student/top1")[1] == epoch:
+  if is_best_epoch(loop.history, config, epoch):
     # One save at a time: concurrent async saves of two managers at the same
     # step collide in orbax's multi-process barriers.
     loop.ckpt.wait()
@@ -284,6 +282,19 @@ def _end_of_epoch(loop: _Loop, eval_fn, state, epoch: int, train_means,
                  state, epoch, record)
   if is_main:
     metrics.plot_history(loop.history, os.path.join(loop.stage_dir, "plots"))
+
+
+def reported(history: list[dict[str, Any]], config) -> list[dict[str, Any]]:
+  """The epochs a stage's best is reported over (after
+  ``config.report_best_after_epoch``; TESKD: 150)."""
+  return metrics.reported_history(history,
+                                  config.get("report_best_after_epoch", 0))
+
+
+def is_best_epoch(history: list[dict[str, Any]], config, epoch: int) -> bool:
+  """Whether ``epoch`` (just recorded) is the best reported one so far."""
+  return metrics.best_and_last(reported(history, config),
+                               "student/top1")[1] == epoch
 
 
 def save_model(stage: stage_lib.Stage, config, stage_dir: str, name: str,
@@ -337,8 +348,7 @@ def run_stage(config: ml_collections.ConfigDict, name: str, stage_dir: str,
         os.path.join(stage_dir, "final_model")):
       save_model(loop.stage, config, stage_dir, "final_model", state,
                  config.num_epochs, loop.history[-1] if loop.history else {})
-    write_stage_summary(stage_dir, name, metrics.reported_history(
-        loop.history, config.get("report_best_after_epoch", 0)))
+    write_stage_summary(stage_dir, name, reported(loop.history, config))
   return StageResult(name, config.method, state, loop.history)
 
 
@@ -517,8 +527,7 @@ def run(config: ml_collections.ConfigDict, workdir: str
     if study:
       train_study.write_run_workdirs(config, workdir, results)
     table = comparison_table(
-        {name: dataclasses.replace(r, history=metrics.reported_history(
-            r.history, config.get("report_best_after_epoch", 0)))
+        {name: dataclasses.replace(r, history=reported(r.history, config))
          for name, r in results.items()})
     if study:  # each stage's runs, mean ± std
       table = "\n\n".join([table, *(

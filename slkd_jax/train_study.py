@@ -37,7 +37,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from slkd_jax import checkpoint, metrics, parallel, preemption, studies, train
+from slkd_jax import (checkpoint, metrics, parallel, preemption, studies,
+                      teachers, train)
 from slkd_jax import config as config_lib
 from slkd_jax import data as data_lib
 from slkd_jax import stage as stage_lib
@@ -374,11 +375,9 @@ def _end_of_epoch(study: _Study, eval_fn, states, alive, epoch: int,
       epoch == config.num_epochs):
     study.ckpt.save(global_step, {"runs": trainable, "alive": alive},
                     study.meta(epoch, 0))
-  after = config.get("report_best_after_epoch", 0)
   for r in live:
     history = study.histories[r]
-    if metrics.best_and_last(metrics.reported_history(history, after),
-                             "student/top1")[1] != epoch:
+    if not train.is_best_epoch(history, config, epoch):
       continue
     run_state = studies.run_slice(trainable, r)
     study.ckpt.wait()  # one save at a time (orbax's barriers)
@@ -419,15 +418,14 @@ def _finish_runs(study: _Study, states, trained: bool) -> None:
       train.save_model(study.stages[r], study.run_configs[r], directory,
                        "final_model", run_state, config.num_epochs,
                        history[-1] if history else {})
-      train.write_stage_summary(directory, study.name, metrics.reported_history(
-          history, config.get("report_best_after_epoch", 0)))
+      train.write_stage_summary(directory, study.name,
+                                train.reported(history, config))
   if is_main:
     _write_study_files(study)
 
 
-def study_rows(study: _Study) -> list[dict[str, Any]]:
+def _study_rows(study: _Study) -> list[dict[str, Any]]:
   """One row per run (seed, varied values, status, best/last top-1)."""
-  after = study.config.get("report_best_after_epoch", 0)
   rows = []
   for r in range(study.runs):
     row = {"run": r, "seed": study.run_configs[r].seed}
@@ -439,7 +437,7 @@ def study_rows(study: _Study) -> list[dict[str, Any]]:
                      f"diverged at step {diverged['step']} "
                      f"({', '.join(diverged['terms'])})")
     best, best_epoch, last = metrics.best_and_last(
-        metrics.reported_history(study.histories[r], after), "student/top1")
+        train.reported(study.histories[r], study.config), "student/top1")
     row.update({"best top-1": best, "best epoch": best_epoch,
                 "last top-1": last})
     rows.append(row)
@@ -447,7 +445,7 @@ def study_rows(study: _Study) -> list[dict[str, Any]]:
 
 
 def _write_study_files(study: _Study) -> None:
-  rows = study_rows(study)
+  rows = _study_rows(study)
   kept = [row for row in rows if row["status"] == "done"
           and row["best top-1"] is not None]
   columns = list(rows[0])
@@ -467,7 +465,6 @@ def write_run_workdirs(config: ml_collections.ConfigDict, workdir: str,
                        results: dict[str, train.StageResult]) -> None:
   """Each run's ``config.json``, ``summary.md`` and link to the study's
   frozen teacher: a run directory reads as the workdir of a separate run."""
-  from slkd_jax import teachers  # noqa: PLC0415
   for r, run_config in enumerate(config_lib.run_configs(config)):
     directory = run_dir(workdir, r)
     os.makedirs(directory, exist_ok=True)
@@ -479,8 +476,7 @@ def write_run_workdirs(config: ml_collections.ConfigDict, workdir: str,
       os.symlink(os.path.join("..", "..", teachers.FROZEN_TEACHER_DIR), link)
     prefix = os.path.join(RUNS_DIR, str(r)) + os.sep
     mine = {key[len(prefix):]: dataclasses.replace(
-        result, history=metrics.reported_history(
-            result.history, config.get("report_best_after_epoch", 0)))
+        result, history=train.reported(result.history, config))
             for key, result in results.items() if key.startswith(prefix)}
     with open(os.path.join(directory, "summary.md"), "w") as f:
       f.write(train.comparison_table(mine) + "\n")
