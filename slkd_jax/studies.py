@@ -186,7 +186,9 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
   shared = sum(x.nbytes for x in jax.tree.leaves((states.teacher, batch)))
   estimate = {"total_bytes": int(total),
               "per_run_bytes": int(max(total - shared, 0) // runs)}
-  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  local = next(d for d in mesh.devices.flat
+               if d.process_index == jax.process_index())
+  limit = (local.memory_stats() or {}).get("bytes_limit")
   if limit and total > limit:
     raise errors.ConfigError(
         f"{runs} runs need about {total / 2**30:.1f} GiB per device "

@@ -289,7 +289,8 @@ def _train_epoch(study: _Study, step_fn, states, alive, hps, epoch: int,
         for k, v in run_sums.items():
           epoch_sums[r][k] = epoch_sums[r].get(k, 0.0) + v
         epoch_steps[r] += window_steps
-      bar.update(global_step, images_per_step=study.data.batch_size,
+      bar.update(global_step,
+                 images_per_step=study.data.batch_size * study.runs,
                  runs=f"{sum(d is None for d in study.diverged)}/"
                       f"{study.runs}")
       window, window_steps = None, 0
