@@ -9,7 +9,8 @@ With ``--workdir`` it restores each stage's best (or latest) checkpoint and
 the workdir's frozen teacher and prints top-1/top-5 on the evaluation split
 of the student, the teacher, each SL-T and the fused SL-T: the same
 program as training's per-epoch evaluation, so the best checkpoint
-reproduces the run's reported best top-1 exactly. With ``--model`` it
+reproduces the run's reported best top-1 exactly; a study's workdir
+(docs/studies.md) also each of its runs (``runs/<r>/<stage>``). With ``--model`` it
 evaluates one network (a stage's ``best_model`` / ``final_model``, a
 teacher converted by :mod:`slkd_jax.convert_torch`, or a PyTorch ``.pth``
 with ``--arch``) on the data of ``--config``.
@@ -141,6 +142,35 @@ def _stages(workdir: str) -> list[str]:
           + sorted(found.difference(order)))
 
 
+def evaluate_workdir(workdir: str, stages: list[str] | None, which: str,
+                     mesh) -> list[dict]:
+  """Rows of every stage (or of ``stages``) of ``workdir``; for a study,
+  then of each run's (labelled ``runs/<r>/<stage>``)."""
+  from slkd_jax import report
+  from slkd_jax.errors import CheckpointError, ConfigError
+  directories = report.with_study_runs([workdir])
+  rows = []
+  for directory in directories:
+    found = _stages(directory)
+    wanted = stages or found
+    if len(directories) > 1:  # a study: a stage lives in its runs or not
+      wanted = [s for s in wanted if s in found]
+    prefix = os.path.relpath(directory, workdir)
+    for stage in wanted:
+      label = os.path.normpath(os.path.join(prefix, stage))
+      try:
+        rows += [{**row, "stage": label}
+                 for row in evaluate_stage(directory, stage, which, mesh)]
+      except CheckpointError as e:
+        if directory == workdir:
+          raise
+        print(f"note: {label}: {e}", file=sys.stderr)  # a diverged run
+  if not rows:
+    raise ConfigError(f"{workdir} has no stage {', '.join(stages or [])} to "
+                      f"evaluate")
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -156,9 +186,7 @@ def main(argv):
       workdir = os.path.abspath(_WORKDIR.value)
       if not os.path.isdir(workdir):
         raise errors.ConfigError(f"--workdir={workdir} is not a directory")
-      rows = []
-      for stage in _STAGE.value or _stages(workdir):
-        rows += evaluate_stage(workdir, stage, _CHECKPOINT.value, mesh)
+      rows = evaluate_workdir(workdir, _STAGE.value, _CHECKPOINT.value, mesh)
     else:
       raise errors.ConfigError("give --workdir (a training run) or --model")
   except errors.UserError as e:

@@ -530,9 +530,8 @@ def run(config: ml_collections.ConfigDict, workdir: str
         {name: dataclasses.replace(r, history=reported(r.history, config))
          for name, r in results.items()})
     if study:  # each stage's runs, mean ± std
-      table = "\n\n".join([table, *(
-          open(os.path.join(workdir, m, "summary.md")).read().strip()
-          for m in stages)])
+      table = "\n\n".join([table, *(train_study.summary(workdir, m)
+                                     for m in stages)])
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     print(table, flush=True)

@@ -462,6 +462,12 @@ def _write_study_files(study: _Study) -> None:
                "run_dirs": study.run_dirs}, f, indent=2)
 
 
+def summary(workdir: str, stage: str) -> str:
+  """The study summary (``<stage>/summary.md``) of a finished stage."""
+  with open(os.path.join(workdir, stage, "summary.md")) as f:
+    return f.read().strip()
+
+
 def write_run_workdirs(config: ml_collections.ConfigDict, workdir: str,
                        results: dict[str, train.StageResult]) -> None:
   """Each run's ``config.json``, ``summary.md`` and link to the study's

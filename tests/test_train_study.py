@@ -99,6 +99,13 @@ def test_each_run_reads_as_a_separate_workdir(digits_study, capsys):
       results["runs/2/slkd"].history, "student/top1")
   student = next(row for row in rows if row["network"] == "student")
   assert (student["epoch"], student["top-1"]) == (best_epoch, best)
+  # The study's workdir: its teacher stage, then every run's stages.
+  rows = evaluate.evaluate_workdir(workdir, None, "best", mesh)
+  assert [row["stage"] for row in rows if row["network"] == "student"] == [
+      "teacher", *(f"runs/{r}/slkd" for r in range(4))]
+  assert next(row for row in rows if row["stage"] == "runs/2/slkd"
+              and row["network"] == "student") == student | {
+                  "stage": "runs/2/slkd"}
   saved = json.load(open(os.path.join(run_dirs[3], "slkd", "config.json")))
   assert (saved["seed"], saved["loss"]["temperature"]) == (3, 1.0)
   assert saved["data"]["order_seed"] == 0 and saved["study"]["seeds"] is None
