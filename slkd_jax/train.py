@@ -517,7 +517,7 @@ def run(config: ml_collections.ConfigDict, workdir: str
     if study:
       from slkd_jax import train_study  # noqa: PLC0415 (imports this module)
       results.update(train_study.run_stage(config, method, workdir, mesh,
-                                           data[1], teacher, stop))
+                                           *data, teacher, stop))
     else:
       results[method] = run_stage(stage_config(config, method), method,
                                   os.path.join(workdir, method), mesh, *data,

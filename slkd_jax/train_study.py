@@ -59,7 +59,7 @@ class _Study:
   run_dirs: list[str]
   mesh: Any
   impl: str
-  data: Any  # _TrainBatches
+  data: _TrainBatches
   eval_data: Any
   ckpt: checkpoint.Checkpointer
   best_ckpts: list[checkpoint.Checkpointer]
@@ -112,14 +112,18 @@ class _TrainBatches:
       yield self._stack(*batches)
 
 
-def _train_datasets(config, run_configs, mesh) -> _TrainBatches:
-  """One training dataset (the shared order) or one per run."""
+def _train_datasets(config, run_configs, mesh, run_data) -> _TrainBatches:
+  """One training dataset (the shared order) or one per run; ``run_data``
+  (the run's own, seeded by ``order_seed(config)``) is reused where its
+  order is a run's."""
   seeds = [config_lib.order_seed(c) for c in run_configs]
   if config.study.shared_data:
     seeds = seeds[:1]
-  datasets = [data_lib.create_datasets(
-      config.data, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, seed=seed, mesh=mesh)[0]
+  datasets = [run_data if seed == config_lib.order_seed(config) else
+              data_lib.create_datasets(
+                  config.data, batch_size=config.batch_size,
+                  eval_batch_size=config.eval_batch_size, seed=seed,
+                  mesh=mesh)[0]
               for seed in seeds]
   return _TrainBatches(datasets, mesh)
 
@@ -134,10 +138,11 @@ def run_dir(workdir: str, r: int) -> str:
 
 
 def run_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
-              mesh, eval_data, teacher, stop: preemption.StopAgreement
-              ) -> dict[str, train.StageResult]:
+              mesh, train_data, eval_data, teacher,
+              stop: preemption.StopAgreement) -> dict[str, train.StageResult]:
   """Train stage ``name`` of the study ``config`` (every run), resuming if
-  possible; returns each run's result as ``runs/<r>/<name>``.
+  possible; returns each run's result as ``runs/<r>/<name>``
+  (``train_data``: the run's, seeded by ``order_seed(config)``).
 
   Raises:
     Preempted: a stop signal arrived; a checkpoint was saved.
@@ -154,7 +159,7 @@ def run_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
       stage_config, runs, [stage_lib.resolve(c) for c in runs], name,
       stage_dir, run_dirs, mesh,
       config.study.impl or config.slkd.ensemble,
-      _train_datasets(stage_config, runs, mesh), eval_data,
+      _train_datasets(stage_config, runs, mesh, train_data), eval_data,
       checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                               config.keep_checkpoints),
       [checkpoint.Checkpointer(os.path.join(d, "best"), 1) for d in run_dirs],
