@@ -199,13 +199,6 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
   return _with_shared_teacher(compiled), estimate
 
 
-def memory_estimate(stage: Stage, mesh, impl: str, states: DistillState,
-                    batch, hps: HParams) -> dict[str, int]:
-  """The estimate of :func:`compile_runs_step` alone."""
-  hps = jax.device_put(hps, parallel.replicated(mesh))
-  return compile_runs_step(stage, mesh, impl, states, batch, hps)[1]
-
-
 def make_runs_eval_step(stage: Stage, mesh, impl: str):
   """The jitted, sharded eval step of R runs: ``(states, batch, hps) ->``
   per-run sums (see :func:`build_runs_eval_step`)."""

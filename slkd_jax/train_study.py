@@ -96,7 +96,7 @@ class _TrainBatches:
 
   def __init__(self, datasets: list, mesh):
     self.datasets = datasets
-    self.shared = len(datasets) == 1
+    self.shared = len(datasets) == 1  # else one per run
     first = datasets[0]
     self.steps_per_epoch, self.batch_size = (first.steps_per_epoch,
                                              first.batch_size)
@@ -119,13 +119,13 @@ def _train_datasets(config, run_configs, mesh, run_data) -> _TrainBatches:
   seeds = [config_lib.order_seed(c) for c in run_configs]
   if config.study.shared_data:
     seeds = seeds[:1]
-  datasets = [run_data if seed == config_lib.order_seed(config) else
-              data_lib.create_datasets(
-                  config.data, batch_size=config.batch_size,
-                  eval_batch_size=config.eval_batch_size, seed=seed,
-                  mesh=mesh)[0]
-              for seed in seeds]
-  return _TrainBatches(datasets, mesh)
+  by_seed = {config_lib.order_seed(config): run_data}
+  for seed in seeds:  # one per order; each epoch() is its own iterator
+    if seed not in by_seed:
+      by_seed[seed] = data_lib.create_datasets(
+          config.data, batch_size=config.batch_size,
+          eval_batch_size=config.eval_batch_size, seed=seed, mesh=mesh)[0]
+  return _TrainBatches([by_seed[seed] for seed in seeds], mesh)
 
 
 def run_dir(workdir: str, r: int) -> str:

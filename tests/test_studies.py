@@ -141,9 +141,10 @@ def test_memory_estimate_grows_with_the_runs():
     for runs in (1, 2):
       states = studies.create_runs_state(stage, mesh, SEEDS[:runs],
                                          teacher_of(stage))
-      hps = studies.stack([stage.hparams(1)] * runs)
-      estimates.append(studies.memory_estimate(stage, mesh, "unrolled",
-                                               states, batch, hps))
+      hps = jax.device_put(studies.stack([stage.hparams(1)] * runs),
+                           parallel.replicated(mesh))
+      estimates.append(studies.compile_runs_step(stage, mesh, "unrolled",
+                                                 states, batch, hps)[1])
   one, two = estimates
   assert 0 < one["per_run_bytes"] <= one["total_bytes"]
   # A second run adds at least its own state (params, momentum, stats).

@@ -108,12 +108,17 @@ def test_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   assert [h["epoch"] for h in results["slkd"].history] == [1, 2]
 
 
-def _wrap_datasets(monkeypatch, on_batch):
-  """Make every training epoch call ``on_batch(epoch, step, batch)``."""
-  create = data_lib.create_datasets
+def _wrap_datasets(monkeypatch, on_batch, dataset=None):
+  """Make every training epoch call ``on_batch(epoch, step, batch)``: of
+  every training set, or only of the ``dataset``-th one created (0: the
+  run's own; then a study's per-run ones)."""
+  create, created = data_lib.create_datasets, []
 
   def wrapped(*args, **kwargs):
     train_data, eval_data = create(*args, **kwargs)
+    created.append(train_data)
+    if dataset is not None and len(created) - 1 != dataset:
+      return train_data, eval_data
     epoch_fn = train_data.epoch
 
     def epoch(e, start_step=0):

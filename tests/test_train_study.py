@@ -126,32 +126,12 @@ def _poison(monkeypatch, dataset: int):
   """NaN images in step 1 of epoch 1 (global step 5) of the ``dataset``-th
   training set created (0: the run's own, 1, 2, ...: a study's per-run
   ones)."""
-  created = []
-
   def poison(epoch, step, batch):
     if epoch == 1 and step == 1:
       batch = dict(batch, image=batch["image"] * np.nan)
     return batch
 
-  def on_batch(epoch, step, batch):
-    return batch
-
-  create = train.data_lib.create_datasets
-
-  def counting(*args, **kwargs):
-    created.append(None)
-    train_data, eval_data = create(*args, **kwargs)
-    hook = poison if len(created) - 1 == dataset else on_batch
-    epoch_fn = train_data.epoch
-
-    def epoch(e, start_step=0):
-      for i, batch in enumerate(epoch_fn(e, start_step), start_step):
-        yield hook(e, i, batch)
-
-    train_data.epoch = epoch
-    return train_data, eval_data
-
-  monkeypatch.setattr(train.data_lib, "create_datasets", counting)
+  _wrap_datasets(monkeypatch, poison, dataset)
 
 
 def test_a_diverging_run_is_frozen_reported_and_left_out(tmp_path,
