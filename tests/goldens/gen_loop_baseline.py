@@ -1,0 +1,41 @@
+"""Record what a single run computes, bit for bit, for tests/test_loop_golden.py.
+
+Run once from the repository root on the commit *before* a change to the
+outer loop, under the test suite's JAX settings (tests/conftest.py: 8 fake
+CPU devices, ``jax_disable_most_optimizations``):
+
+    python tests/goldens/gen_loop_baseline.py tests/goldens/loop_baseline.json
+
+It trains the config of ``tests/test_loop_golden.py`` (a teacher stage,
+then SLKD with K = 2, FitNet, CRD and DML stages from that teacher) and
+writes every stage's ``metrics.jsonl`` records (every number) and the
+SHA-256 of every array of its final model and its last checkpoint's
+student, SL-Ts, extra modules and buffers. The recorded file was made on
+commit 7d14e89 (the last commit with two outer loops) on the 2-core CPU
+machine with jax 0.10.2.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+import conftest  # noqa: E402,F401  (the suite's JAX flags)
+from loop_golden import config, fingerprint  # noqa: E402
+
+from slkd_jax import train  # noqa: E402
+
+
+def main(out: str) -> None:
+  with tempfile.TemporaryDirectory() as workdir:
+    train.run(config(), workdir)
+    record = fingerprint(workdir)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  print(f"wrote {out}: {sorted(record)}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
