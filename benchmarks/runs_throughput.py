@@ -76,7 +76,8 @@ def measure(pair: common.Pair, args, runs: int, mode: str) -> dict:
   stage = stage_lib.resolve(config)
   params, stats = state_lib.init_variables(stage.nets.teacher,
                                            jax.random.key(1), stage.image_shape)
-  teacher = state_lib.ModelState(params, stats)
+  teacher = jax.device_put(state_lib.ModelState(params, stats),
+                           parallel.replicated(mesh))
   rng = np.random.default_rng(0)
   b = config.batch_size
   batch = jax.device_put(
@@ -98,14 +99,13 @@ def measure(pair: common.Pair, args, runs: int, mode: str) -> dict:
       return m
   else:
     step = studies.make_runs_step(stage, mesh, mode)
-    box = {"states": studies.create_runs_state(stage, mesh, range(runs),
-                                               teacher),
+    box = {"states": studies.create_runs_state(stage, mesh, range(runs)),
            "alive": jnp.ones(runs, bool)}
     hps = studies.stack([hp] * runs)
 
     def iteration():
       box["states"], box["alive"], m = step(box["states"], box["alive"],
-                                            batch, hps)
+                                            teacher, batch, hps)
       return m
   seconds = _timed(iteration, args.steps, args.warmup)
   return {"pair": pair.name, "runs": runs, "mode": mode,

@@ -4,8 +4,8 @@
       --num-slts 2 --batch-size 64 --dtype bfloat16 --ensemble both
 
 For each (pair, ensemble implementation) this builds the library's own step
-(``slkd_jax.train_step.make_train_step``: frozen teacher, K stacked SL-Ts and
-the student, one jit over the mesh) with a randomly initialised teacher, puts
+(what the training loop runs, ``slkd_jax.studies.make_runs_step`` for one run:
+frozen teacher, K stacked SL-Ts and the student, one jit over the mesh) with a randomly initialised teacher, puts
 **one** random batch on the mesh and reuses it, so the input pipeline is
 excluded from the timing (``benchmarks/data_throughput.py`` measures it). The
 first call (trace + XLA compile + one step) and the remaining warm-up steps
@@ -118,10 +118,9 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
   import jax
   import numpy as np
 
-  from slkd_jax import parallel
+  from slkd_jax import parallel, studies
   from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
-  from slkd_jax import train_step
 
   devices = jax.devices()
   if args.devices is not None:
@@ -146,9 +145,15 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
         out_shardings=parallel.replicated(mesh))(
             jax.random.key(config.seed + 1))
     teacher = state_lib.ModelState(params, stats)
-  state = state_lib.create_state(stage, mesh, teacher)
-  step = train_step.make_train_step(stage, mesh)
-  hp = stage.hparams(1)
+  # The loop's program: a single run is a study of one (R = 1).
+  state = studies.create_runs_state(stage, mesh, [config.seed])
+  hp = studies.stack([stage.hparams(1)])
+  runs_step = studies.make_runs_step(stage, mesh, "unrolled")
+  alive = jax.device_put(np.ones(1, bool), parallel.replicated(mesh))
+
+  def step(state, batch, hp):
+    state, _, metrics = runs_step(state, alive, teacher, batch, hp)
+    return state, metrics
 
   # One synthetic batch, placed on the mesh once (input pipeline excluded).
   rng = np.random.default_rng(config.seed)
@@ -177,7 +182,7 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
 
   step_s = elapsed / args.steps
   peak, peak_note = peak_memory(devices)
-  loss = float(jax.device_get(metrics["loss"]))
+  loss = float(jax.device_get(metrics["loss"])[0])
   if not np.isfinite(loss):
     raise RuntimeError(f"non-finite loss {loss}: the step is broken")
   return {

@@ -480,13 +480,60 @@ TEACHER_STAGE = "teacher"
 #: Keys a resumed stage may change: they do not change what it computes.
 #: ``teacher.*`` is checked against the workdir's frozen teacher instead,
 #: and ``recipes`` through the resolved ``loss`` of the stage config.
-RESUMABLE_KEYS = (
-    "num_epochs", "compare_with", "log_every_steps", "checkpoint_every_epochs",
-    "keep_checkpoints", "preemption_check_seconds", "deterministic",
-    "eval_batch_size", "recipes", "teacher", "data.data_dir",
-    "report_best_after_epoch",
-    "data.host_prefetch", "data.device_prefetch",
-    "data.ram_budget_gb", "data.num_threads")
+# Which config keys change what a run computes: declared once, read by the
+# resume check (below) and by ``slkd_jax.report`` (which runs it averages).
+# A dotted key also covers its sub-keys.
+
+#: Keys that change nothing a stage computes: how fast, from where, how
+#: often it logs and saves; what other stages the run trains.
+NO_EFFECT_KEYS: tuple[str, ...] = (
+    "log_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
+    "preemption_check_seconds",
+    "deterministic",  # bit-identical reruns on GPU, not other numbers
+    # Eval is exact at any batch size (BatchNorm in eval mode, the padded
+    # last batch masked).
+    "eval_batch_size",
+    # Where the data lives and how fast its batches arrive, not which ones.
+    "data.data_dir", "data.host_prefetch", "data.device_prefetch",
+    "data.ram_budget_gb", "data.num_threads",
+    # vmap or unrolled SL-Ts compute the same function (train_step.py).
+    "slkd.ensemble",
+    # The run's other stages, each trained on its own from the same teacher.
+    "compare_with",
+    # Every method's recipe: a stage's own is resolved into ``loss``, which
+    # is compared.
+    "recipes",
+)
+
+#: Keys of the random draws that runs of one experiment differ in (a study
+#: runs them as one program): what ``report`` averages over.
+RANDOM_DRAW_KEYS: tuple[str, ...] = (
+    "seed", "data.order_seed",
+    "data.shuffle_buffer",  # changes the order only, as the seed does
+    "study",
+)
+
+#: Keys a stopped stage may resume under with a new value: those without
+#: effect, more epochs, where the teacher is read from (the workdir's
+#: frozen copy is checked on its own), and which epochs are reported.
+RESUMABLE_KEYS: tuple[str, ...] = NO_EFFECT_KEYS + (
+    "num_epochs", "teacher", "report_best_after_epoch")
+
+
+def unused_sections(method: str) -> tuple[str, ...]:
+  """Config sections ``method`` never reads (``slkd`` without SL-Ts,
+  ``dml`` without peers): free to differ between its runs. None for an
+  unknown method (compared: the safe side)."""
+  row = methods.METHODS.get(method)
+  if row is None:
+    return ()
+  return (() if row.uses_slts else ("slkd",)) + (
+      () if row.peers else ("dml",))
+
+
+def is_listed(key: str, listed: tuple[str, ...]) -> bool:
+  """Whether dotted ``key`` is one of ``listed`` or under one of them."""
+  return any(key == k or key.startswith(k + ".") for k in listed)
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str
@@ -529,18 +576,13 @@ def resume_changes(saved: dict[str, Any], current: ml_collections.ConfigDict
   """
   now = flatten(json.loads(current.to_json_best_effort()))
   before = flatten(saved)
-  free = RESUMABLE_KEYS
-  if not methods.get(current.method).uses_slts:
-    free += ("slkd",)
-  if not methods.get(current.method).peers:
-    free += ("dml",)
+  free = RESUMABLE_KEYS + unused_sections(current.method)
   conflicts, accepted = {}, {}
   for key in sorted(set(now) | set(before)):
     old, new = before.get(key), now.get(key)
     if old == new:
       continue
-    is_free = any(key == k or key.startswith(k + ".") for k in free)
-    (accepted if is_free else conflicts)[key] = (old, new)
+    (accepted if is_listed(key, free) else conflicts)[key] = (old, new)
   return conflicts, accepted
 
 

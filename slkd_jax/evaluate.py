@@ -60,7 +60,7 @@ def _rows(stage: str, which: str, epoch, result: dict) -> list[dict]:
 
 def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   """Rows of :data:`_COLUMNS` for one stage's checkpoint."""
-  from slkd_jax import checkpoint, parallel, teachers, train, train_step
+  from slkd_jax import checkpoint, evaluation, parallel, teachers, train_step
   from slkd_jax import data as data_lib
   from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
@@ -90,7 +90,7 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   if restored is None:
     raise CheckpointError(f"{stage_dir}/{directory} holds no checkpoint yet")
   trainable, meta = restored
-  result = train.evaluate(train_step.make_eval_step(resolved, mesh),
+  result = evaluation.evaluate(train_step.make_eval_step(resolved, mesh),
                           trainable.replace(teacher=teacher), eval_data,
                           resolved.hparams(max(meta["epoch"], 1)))
   return _rows(stage, which, meta["epoch"], result)
@@ -100,7 +100,7 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   """Rows of :data:`_COLUMNS` for one standalone network (placed as a
   teacher is: replicated, in the run's parameter dtype)."""
   import jax.numpy as jnp
-  from slkd_jax import (artifact, convert_torch, parallel, teachers, train,
+  from slkd_jax import (artifact, convert_torch, evaluation, parallel, teachers,
                         train_step)
   from slkd_jax import data as data_lib
   from slkd_jax import stage as stage_lib
@@ -119,7 +119,7 @@ def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
   state = state_lib.DistillState(step=jnp.zeros((), jnp.int32), student=model)
   resolved = stage_lib.resolve(config)
-  result = train.evaluate(train_step.make_eval_step(resolved, mesh), state,
+  result = evaluation.evaluate(train_step.make_eval_step(resolved, mesh), state,
                           eval_data, resolved.hparams(1))
   return _rows(os.path.basename(os.path.normpath(path)), "model",
                meta.get("source", {}).get("epoch", "-")

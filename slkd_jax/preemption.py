@@ -94,3 +94,23 @@ class StopAgreement:
     self._next_check = step + int(np.clip(interval, 1, 10_000))
     self._last = (step, now)
     return bool(np.any(gathered[:, 0] > 0))
+
+  def agreed_now(self) -> bool:
+    """Whether any process has a stop request: a collective, called by every
+    process at the same point (between stages, after the last one)."""
+    if jax.process_count() == 1:
+      return self._signal.requested
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(
+        np.asarray([float(self._signal.requested)]))
+    return bool(np.any(gathered > 0))
+
+  def check_now(self, where: str) -> None:
+    """Stop at once (:class:`Preempted`) when a stop was requested; nothing
+    is in flight to save (``where``: e.g. ``before stage kd``).
+
+    Raises:
+      Preempted: a stop was requested on some process.
+    """
+    if self.agreed_now():
+      raise Preempted(f"stopped {where}; rerun the same command to resume")

@@ -37,59 +37,15 @@ import sys
 from typing import Any, Iterable, Sequence
 
 from slkd_jax import config as config_lib
-from slkd_jax import methods, metrics
+from slkd_jax import metrics
 
-# Config keys (dotted, a key also covers its sub-keys) whose value does not
-# change what a run measures, so runs differing in them are still averaged.
-IGNORED_KEYS: tuple[str, ...] = (
-    "seed",  # what the report averages over
-    "data.order_seed",  # the data order's seed: a random draw, as the seed
-    # How a study trained its runs (one program); each run's own values
-    # (seed, loss, learning rate) are in its config.
-    "study",
-    # Logging, checkpoint and preemption-polling cadence.
-    "log_every_steps",
-    "checkpoint_every_epochs",
-    "keep_checkpoints",
-    "preemption_check_seconds",
-    # Where the data lives, not which data it is.
-    "data.data_dir",
-    # Input-pipeline performance knobs (slkd_jax/data/imagenet.py): how fast
-    # batches arrive, not which ones. The shuffle buffer only changes the
-    # random order, as the seed does (also resumable in config.py).
-    "data.num_threads",
-    "data.ram_budget_gb",
-    "data.host_prefetch",
-    "data.device_prefetch",
-    "data.shuffle_buffer",
-    # Bit-identical reruns on GPU, not other numbers.
-    "deterministic",
-    # Eval is exact at any batch size (BatchNorm in eval mode, the padded
-    # last batch masked).
-    "eval_batch_size",
-    # vmap or unrolled SL-Ts compute the same function (train_step.py).
-    "slkd.ensemble",
-    # The other stages the run trained next to this one; each stage is
-    # trained on its own from the same teacher.
-    "compare_with",
-    # Every method's loss recipe: the stage's own is resolved into ``loss``
-    # (config.stage_config), which is compared.
-    "recipes",
-)
+# Config keys whose value does not change what a run measures (declared in
+# slkd_jax/config.py, with the resume check), so runs differing in them are
+# still averaged.
+IGNORED_KEYS: tuple[str, ...] = (config_lib.RANDOM_DRAW_KEYS
+                                 + config_lib.NO_EFFECT_KEYS)
 
 _ABSENT = "<absent>"
-
-
-def _uses_slts(method: str | None) -> bool:
-  """Unknown methods count as using SL-Ts (compared: the safe side)."""
-  known = methods.METHODS.get(method)
-  return known is None or known.uses_slts
-
-
-def _uses_peers(method: str | None) -> bool:
-  """DML's peers (``config.dml``); unknown methods count as using them."""
-  known = methods.METHODS.get(method)
-  return known is None or known.peers
 
 
 class ConfigMismatchError(ValueError):
@@ -197,10 +153,6 @@ def load_runs(workdirs: Iterable[str]) -> list[StageRun]:
   return runs
 
 
-def _ignored(key: str, ignore: Iterable[str]) -> bool:
-  return any(key == k or key.startswith(k + ".") for k in ignore)
-
-
 def check_configs(runs: Sequence[StageRun],
                   ignore: Iterable[str] = IGNORED_KEYS) -> None:
   """Raises :class:`ConfigMismatchError` (a one-line message naming the
@@ -210,14 +162,13 @@ def check_configs(runs: Sequence[StageRun],
   for run in runs:
     by_stage.setdefault(run.stage, []).append(run)
   for stage, group in by_stage.items():
-    skip = tuple(ignore)
-    if not any(_uses_slts((r.config or {}).get("method")) for r in group):
-      skip += ("slkd",)  # unused by methods without SL-Ts
-    if not any(_uses_peers((r.config or {}).get("method")) for r in group):
-      skip += ("dml",)  # unused by methods other than DML
+    # A section is skipped when no run's method reads it.
+    unused = set.intersection(*(set(config_lib.unused_sections(
+        (r.config or {}).get("method"))) for r in group))
+    skip = tuple(ignore) + tuple(sorted(unused))
     keys = sorted({k for r in group for k in r.config or {}})
-    differing = [k for k in keys if not _ignored(k, skip) and len(
-        {_value(r, k) for r in group}) > 1]
+    differing = [k for k in keys if not config_lib.is_listed(k, skip)
+                 and len({_value(r, k) for r in group}) > 1]
     if differing:
       details = "; ".join(f"{k} ({_values_by_workdir(group, k)})"
                           for k in differing)

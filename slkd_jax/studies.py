@@ -18,7 +18,8 @@ marks it, so one diverging run never ends the others.
 Runs share the data order and augmentation unless the study asks for one
 order per run (``shared_data=False``: the batch then has a run axis too and
 the teacher runs once per run). The driver (per-run metrics, summaries and
-best checkpoints under ``workdir/runs/<r>/``) is :mod:`slkd_jax.train_study`.
+best checkpoints under ``workdir/runs/<r>/``) is :mod:`slkd_jax.fit`, which
+trains a single run as a study of one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from slkd_jax import errors, parallel, train_step
 from slkd_jax.methods import HParams
 from slkd_jax.stage import Stage
-from slkd_jax.state import DistillState, ModelState, check_inputs, init_trainable
+from slkd_jax.state import DistillState, ModelState, init_trainable
 
 RunsStep = Callable[..., tuple[DistillState, jax.Array, dict]]
 
@@ -48,21 +49,15 @@ def run_slice(tree, r: int):
 
 
 def create_runs_state(stage: Stage, mesh, seeds: Sequence[int],
-                      teacher: ModelState | None = None,
                       train_labels=None) -> DistillState:
-  """R fresh states (run ``r`` initialised as a single run with seed
-  ``seeds[r]`` would be), stacked on a leading axis and replicated; the
-  teacher is attached once, without a run axis (``train_labels``: as
-  :func:`slkd_jax.state.create_state`)."""
-  check_inputs(stage, teacher, train_labels)
+  """R fresh trainable states (run ``r`` initialised as a single run with
+  seed ``seeds[r]`` would be), stacked on a leading axis and replicated.
+  The frozen teacher is never part of them: the steps take it as an
+  argument (``train_labels``: as :func:`slkd_jax.state.create_state`)."""
   keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-  replicated = parallel.replicated(mesh)
-  states = jax.jit(jax.vmap(lambda root: init_trainable(stage, root,
-                                                        train_labels)),
-                   out_shardings=replicated)(keys)
-  if stage.method.uses_teacher:
-    states = states.replace(teacher=jax.device_put(teacher, replicated))
-  return states
+  return jax.jit(jax.vmap(lambda root: init_trainable(stage, root,
+                                                      train_labels)),
+                 out_shardings=parallel.replicated(mesh))(keys)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -143,27 +138,18 @@ def _jit_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True):
       donate_argnums=(0,))
 
 
-def _with_shared_teacher(call):
-  """``step(states, alive, batch, hps)`` over ``call(trainable, alive,
-  teacher, batch, hps)``: the teacher passed once, never donated."""
-  def step(states: DistillState, alive, batch, hps: HParams):
-    new, alive, metrics = call(states.replace(teacher=None), alive,
-                               states.teacher, batch, hps)
-    return new.replace(teacher=states.teacher), alive, metrics
-  return step
-
-
 def make_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True
-                   ) -> Callable[[DistillState, jax.Array, dict, HParams],
-                                 tuple[DistillState, jax.Array, dict]]:
-  """The jitted, sharded study step ``step(states, alive, batch, hps)``:
-  batch sharded on ``data``, states and metrics replicated, the trainable
-  states donated, the teacher passed once (not donated)."""
-  return _with_shared_teacher(_jit_runs_step(stage, mesh, impl, shared_batch))
+                   ) -> RunsStep:
+  """The jitted, sharded study step ``step(states, alive, teacher, batch,
+  hps)``: batch sharded on ``data``, the rest replicated, the trainable
+  states donated; the frozen teacher (never donated, never checkpointed)
+  is an argument of its own."""
+  return _jit_runs_step(stage, mesh, impl, shared_batch)
 
 
 def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
-                      batch, hps: HParams, shared_batch: bool = True):
+                      teacher: ModelState | None, batch, hps: HParams,
+                      shared_batch: bool = True):
   """:func:`make_runs_step` compiled ahead of the first step for these
   argument shapes: ``(step, estimate)``, the estimate the device memory of
   the program from its memory analysis (XLA's own accounting, per device):
@@ -178,12 +164,11 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
   runs = int(jax.tree.leaves(states.student.params)[0].shape[0])
   alive = jnp.ones(runs, bool)
   compiled = _jit_runs_step(stage, mesh, impl, shared_batch).lower(
-      states.replace(teacher=None), alive, states.teacher, batch,
-      hps).compile()
+      states, alive, teacher, batch, hps).compile()
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-  shared = sum(x.nbytes for x in jax.tree.leaves((states.teacher, batch)))
+  shared = sum(x.nbytes for x in jax.tree.leaves((teacher, batch)))
   estimate = {"total_bytes": int(total),
               "per_run_bytes": int(max(total - shared, 0) // runs)}
   local = next(d for d in mesh.devices.flat
@@ -196,16 +181,14 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
         f"device has {limit / 2**30:.1f} GiB: use at most "
         f"{max(int((limit - shared) // max(estimate['per_run_bytes'], 1)), 0)}"
         f" runs (fewer study.seeds)")
-  return _with_shared_teacher(compiled), estimate
+  return compiled, estimate
 
 
 def make_runs_eval_step(stage: Stage, mesh, impl: str):
-  """The jitted, sharded eval step of R runs: ``(states, batch, hps) ->``
-  per-run sums (see :func:`build_runs_eval_step`)."""
+  """The jitted, sharded eval step of R runs: ``(states, teacher, batch,
+  hps) ->`` per-run sums (see :func:`build_runs_eval_step`)."""
   replicated = parallel.replicated(mesh)
-  jitted = jax.jit(build_runs_eval_step(stage, impl),
-                   in_shardings=(replicated, replicated,
-                                 parallel.batch_sharding(mesh), replicated),
-                   out_shardings=replicated)
-  return lambda states, batch, hps: jitted(states.replace(teacher=None),
-                                           states.teacher, batch, hps)
+  return jax.jit(build_runs_eval_step(stage, impl),
+                 in_shardings=(replicated, replicated,
+                               parallel.batch_sharding(mesh), replicated),
+                 out_shardings=replicated)

@@ -420,7 +420,7 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
   compiled once, then timed over ``steps`` steps."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from slkd_jax import parallel, studies, train_step  # noqa: PLC0415
+  from slkd_jax import parallel, studies  # noqa: PLC0415
   from slkd_jax import stage as stage_lib  # noqa: PLC0415
   from slkd_jax import state as state_lib  # noqa: PLC0415
   c = config_lib.stage_config(config, config.method)
@@ -431,7 +431,8 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
     params, stats = state_lib.init_variables(stage.nets.teacher,
                                              jax.random.key(0),
                                              stage.image_shape)
-    teacher = state_lib.ModelState(params, stats)
+    teacher = jax.device_put(state_lib.ModelState(params, stats),
+                             parallel.replicated(mesh))
   n = TRAIN_EXAMPLES.get(c.data.name, c.data.num_train)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, c.data.num_classes, n).astype(np.int32)
@@ -440,18 +441,14 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
       "image": rng.standard_normal((b, *stage.image_shape), np.float32),
       "label": labels[:b], "mask": np.ones(b, bool),
       "index": np.arange(b, dtype=np.int32)}, parallel.batch_sharding(mesh))
-  if runs == 1:
-    state = state_lib.create_state(stage, mesh, teacher, labels)
-    step = train_step.make_train_step(stage, mesh)
-    hp = stage.hparams(1)
-    advance = lambda s: step(s, batch, hp)  # noqa: E731
-  else:
-    state = studies.create_runs_state(stage, mesh, range(runs), teacher,
-                                      labels)
-    step = studies.make_runs_step(stage, mesh,
-                                  c.study.impl or c.slkd.ensemble)
-    hps, alive = studies.stack([stage.hparams(1)] * runs), np.ones(runs, bool)
-    advance = lambda s: step(s, alive, batch, hps)[::2]  # noqa: E731
+  # The program the loop runs: R runs in one step (a single run: R = 1).
+  state = studies.create_runs_state(stage, mesh, range(runs), labels)
+  step = studies.make_runs_step(
+      stage, mesh, (c.study.impl or c.slkd.ensemble) if runs > 1
+      else "unrolled")
+  teacher = teacher if stage.method.uses_teacher else None
+  hps, alive = studies.stack([stage.hparams(1)] * runs), np.ones(runs, bool)
+  advance = lambda s: step(s, alive, teacher, batch, hps)[::2]  # noqa: E731
   state, m = advance(state)
   jax.block_until_ready(m)
   start = time.perf_counter()

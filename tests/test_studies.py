@@ -70,8 +70,8 @@ def separate_run(method, seed, temperature, mesh, n, data_seed=0):
 def study(method, impl, mesh, n, temperatures=TEMPERATURES,
           learning_rates=None, shared_batch=True):
   stages = [stage_lib.resolve(tiny_config(method, seed)) for seed in SEEDS]
-  states = studies.create_runs_state(stages[0], mesh, SEEDS,
-                                     teacher_of(stages[0]), LABELS)
+  states = studies.create_runs_state(stages[0], mesh, SEEDS, LABELS)
+  teacher = jax.device_put(teacher_of(stages[0]), parallel.replicated(mesh))
   hps = studies.stack([
       stage.hparams(1).replace(
           temperature=jnp.asarray(t),
@@ -82,8 +82,8 @@ def study(method, impl, mesh, n, temperatures=TEMPERATURES,
   alive = jnp.ones(len(SEEDS), bool)
   data = batches(mesh, n) if shared_batch else run_batches(mesh, n)
   for batch in data:
-    states, alive, metrics = step(states, alive, batch, hps)
-  return jax.device_get(states.replace(teacher=None)), np.asarray(alive)
+    states, alive, metrics = step(states, alive, teacher, batch, hps)
+  return jax.device_get(states), np.asarray(alive)
 
 
 def assert_runs_equal(together, r, alone):
@@ -118,14 +118,13 @@ def test_a_diverging_run_is_frozen_and_the_others_go_on():
   with jax.enable_x64(True):
     mesh = parallel.make_mesh()
     stage = stage_lib.resolve(tiny_config("kd"))
-    fresh = jax.device_get(studies.create_runs_state(stage, mesh, SEEDS,
-                                                     teacher_of(stage)))
+    fresh = jax.device_get(studies.create_runs_state(stage, mesh, SEEDS))
     together, alive = study("kd", "vmap", mesh, 2,
                             learning_rates=(0.05, jnp.nan, 0.05))
     assert alive.tolist() == [True, False, True]
     jax.tree.map(np.testing.assert_array_equal,
                  studies.run_slice(together, 1),
-                 studies.run_slice(fresh.replace(teacher=None), 1))
+                 studies.run_slice(fresh, 1))
     for r in (0, 2):
       alone = separate_run("kd", SEEDS[r], TEMPERATURES[r], mesh, 2)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -139,15 +138,16 @@ def test_memory_estimate_grows_with_the_runs():
     stage = stage_lib.resolve(tiny_config("kd"))
     batch = next(batches(mesh, 1))
     for runs in (1, 2):
-      states = studies.create_runs_state(stage, mesh, SEEDS[:runs],
-                                         teacher_of(stage))
+      states = studies.create_runs_state(stage, mesh, SEEDS[:runs])
       hps = jax.device_put(studies.stack([stage.hparams(1)] * runs),
                            parallel.replicated(mesh))
-      estimates.append(studies.compile_runs_step(stage, mesh, "unrolled",
-                                                 states, batch, hps)[1])
+      estimates.append(studies.compile_runs_step(
+          stage, mesh, "unrolled", states,
+          jax.device_put(teacher_of(stage), parallel.replicated(mesh)),
+          batch, hps)[1])
   one, two = estimates
   assert 0 < one["per_run_bytes"] <= one["total_bytes"]
   # A second run adds at least its own state (params, momentum, stats).
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(
-      studies.run_slice(states.replace(teacher=None), 0)))
+      studies.run_slice(states, 0)))
   assert two["total_bytes"] - one["total_bytes"] >= state_bytes

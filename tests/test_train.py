@@ -94,7 +94,7 @@ def test_run_writes_stages_checkpoints_metrics_and_plots(uninterrupted):
   summary = open(os.path.join(workdir, "summary.md")).read()
   assert "| teacher" in summary and "| slkd" in summary
   # The teacher the SLKD stage used is the teacher stage's result.
-  assert_trees_equal(results["slkd"].state.teacher.params,
+  assert_trees_equal(results["slkd"].teacher.params,
                      results["teacher"].state.student.params)
 
 
@@ -288,7 +288,7 @@ def test_teacher_from_converted_checkpoint_and_previous_workdir(
       tiny_config(method="kd", num_epochs=1,
                   **{"teacher.checkpoint": workdir}), str(tmp_path / "a"))
   assert "teacher" not in from_workdir  # no teacher stage this time
-  assert_trees_equal(from_workdir["kd"].state.teacher.params,
+  assert_trees_equal(from_workdir["kd"].teacher.params,
                      first["teacher"].state.student.params)
   # A teacher written by the converter (e.g. from a PyTorch zoo checkpoint).
   teacher = jax.device_get(first["teacher"].state.student)
@@ -298,7 +298,7 @@ def test_teacher_from_converted_checkpoint_and_previous_workdir(
   from_converted = train.run(
       tiny_config(method="kd", num_epochs=1,
                   **{"teacher.checkpoint": saved}), str(tmp_path / "b"))
-  assert_trees_equal(from_converted["kd"].state.teacher.batch_stats,
+  assert_trees_equal(from_converted["kd"].teacher.batch_stats,
                      teacher.batch_stats)
   with pytest.raises(ValueError, match="holds a 'resnet8'.*'resnet14'"):
     train.run(tiny_config(method="kd", **{"teacher.checkpoint": saved,

@@ -176,9 +176,9 @@ def test_a_stopped_study_resumes_exactly(tmp_path, monkeypatch):
 
   def sigterm_in_second_epoch(epoch, step, batch):
     calls.append((epoch, step))
-    # teacher epoch (3), the batch the study compiles with, study epoch 1,
-    # then one step more: every study step reads both runs' datasets
-    if len(calls) == 3 + 2 * (1 + 3 + 1):
+    # teacher epoch (3), study epoch 1, then one step more: every study
+    # step reads both runs' datasets
+    if len(calls) == 3 + 2 * (3 + 1):
       os.kill(os.getpid(), signal.SIGTERM)
     return batch
 
