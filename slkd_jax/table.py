@@ -22,17 +22,31 @@ last epoch), ``table.csv`` and ``table.json`` (every run's numbers), and
 prints a progress line over the whole table. A run that diverges is
 frozen (the cell's other seeds go on), marked in ``table.csv`` and left
 out of its cell's mean.
+
+Several jobs share one table with ``--shard=I/N`` (job I of N, counted from
+0, e.g. a Slurm array's ``$SLURM_ARRAY_TASK_ID``), all with the same
+``--workdir`` on a shared filesystem: job I trains cells I, I+N, I+2N, ...
+of the table (rows × pairs order). A teacher several jobs need is trained
+once, by the first job that claims it (:class:`TeacherClaims`); the others
+train their other cells meanwhile, then wait for it. Each job rewrites the
+outputs from every finished run; run once more without ``--shard`` (or
+with ``--dry_run``) after the jobs end to gather the final ``table.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import os
+import socket
 import sys
+import threading
 import time
+import uuid
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -301,18 +315,169 @@ def write_outputs(spec, records: Sequence[dict], workdir: str) -> None:
   _write_atomic(os.path.join(workdir, "table.md"), "\n".join(text))
   _write_atomic(os.path.join(workdir, "table.json"),
                 json.dumps(list(records), indent=2))
-  path = os.path.join(workdir, "table.csv")
-  with open(path + ".tmp", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(records[0]))
-    writer.writeheader()
-    writer.writerows(records)
-  os.replace(path + ".tmp", path)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(records[0]))
+  writer.writeheader()
+  writer.writerows(records)
+  _write_atomic(os.path.join(workdir, "table.csv"), text.getvalue())
 
 
 def _write_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
+  """Replace ``path`` whole: jobs sharing the workdir each write their own
+  temporary file (host and pid in its name), the last replace wins."""
+  tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+  with open(tmp, "w", newline="") as f:
     f.write(text)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Sharding: several jobs share one table (and its workdir).
+
+#: A job refreshes the claim of the teacher it trains this often ...
+HEARTBEAT_SECONDS = 60.0
+#: ... and another job takes over a claim untouched this long (its job died).
+STALE_SECONDS = 15 * 60.0
+#: How often a job whose cells wait for another job's teacher looks again.
+POLL_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """Job ``index`` of ``count`` jobs (0-based) that share one table."""
+  index: int = 0
+  count: int = 1
+
+  def __str__(self) -> str:
+    return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str | None) -> Shard | None:
+  """``'I/N'`` (job I of N, counted from 0: ``0/4`` ... ``3/4``) → a
+  :class:`Shard`; None → None. Anything else is a ConfigError."""
+  if text is None:
+    return None
+  index, sep, count = str(text).partition("/")
+  try:
+    shard = Shard(int(index), int(count)) if sep else None
+  except ValueError:
+    shard = None
+  if shard is None or not 0 <= shard.index < shard.count:
+    raise errors.ConfigError(
+        f"--shard={text}: give I/N, job I of N counted from 0 (0/4 ... 3/4; "
+        f"in a Slurm array --array=0-3: --shard=$SLURM_ARRAY_TASK_ID/4)")
+  return shard
+
+
+def shard_cells(runs: Sequence[Run], shard: Shard) -> dict[str, list[int]]:
+  """The cells (as :func:`cells_of`) job ``shard`` trains: every
+  ``shard.count``-th cell in table order from cell ``shard.index``, so the
+  jobs' shares are disjoint and together the whole table."""
+  return dict(list(cells_of(runs).items())[shard.index::shard.count])
+
+
+def teacher_dir_of(run: Run, teachers: dict) -> str | None:
+  """The table-trained teacher (a key of :func:`attach_teachers`' result)
+  that ``run`` distils from; None for a given teacher or none."""
+  for teacher_dir in teachers:
+    if run.config.teacher.checkpoint == os.path.join(teacher_dir, "ce",
+                                                     "final_model"):
+      return teacher_dir
+  return None
+
+
+class TeacherClaims:
+  """Which job trains each of the table's own teachers.
+
+  Jobs of one table share its teachers through the workdir, and a job
+  trains a teacher only while it holds the teacher's claim,
+  ``DIR/teachers/<arch>.claim``: a file created exclusively (of two jobs
+  that try at once, one wins) that names the job's shard and is touched
+  every :data:`HEARTBEAT_SECONDS` while the job trains. A job that needs a
+  teacher another job holds trains its other cells first, then waits. A
+  claim is taken over when it names the job's own shard (a requeued job:
+  one shard index runs as one job at a time) or is stale (untouched for
+  :data:`STALE_SECONDS`: its job died); a job stopped by SIGTERM/SIGINT or
+  an error releases its claim, so a waiting job goes on at once.
+  """
+
+  def __init__(self, owner: str):
+    self.owner = owner
+
+  def holder(self, teacher_dir: str) -> str | None:
+    """The shard holding ``teacher_dir``'s claim ('' while it is being
+    written), or None."""
+    try:
+      with open(teacher_dir + ".claim") as f:
+        return f.read().strip()
+    except FileNotFoundError:
+      return None
+
+  def acquire(self, teacher_dir: str) -> bool:
+    """Claim ``teacher_dir`` for this job; False while another job holds
+    a live claim."""
+    path = teacher_dir + ".claim"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(3):  # a claim released or broken meanwhile: try again
+      try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self.holder(teacher_dir)
+        if holder == self.owner:
+          os.utime(path)
+          return True
+        if holder is not None and not self._break_if_stale(path):
+          return False
+        continue
+      with os.fdopen(fd, "w") as f:
+        f.write(self.owner + "\n")
+      return True
+    return False
+
+  def _break_if_stale(self, path: str) -> bool:
+    """Remove the claim at ``path`` if it is stale; whether it is gone."""
+    try:
+      seen = os.stat(path)
+      if time.time() - seen.st_mtime <= STALE_SECONDS:
+        return False
+      aside = f"{path}.{uuid.uuid4().hex}.stale"
+      os.rename(path, aside)  # of two jobs breaking it, one renames it
+    except FileNotFoundError:
+      return True
+    if os.stat(aside).st_ino != seen.st_ino:  # a fresh claim: put it back
+      try:
+        os.link(aside, path)
+      except FileExistsError:
+        pass
+    os.unlink(aside)
+    return True
+
+  def release(self, teacher_dir: str) -> None:
+    if self.holder(teacher_dir) == self.owner:
+      try:
+        os.unlink(teacher_dir + ".claim")
+      except FileNotFoundError:
+        pass
+
+  @contextlib.contextmanager
+  def heartbeat(self, teacher_dir: str):
+    """Touch the claim every :data:`HEARTBEAT_SECONDS` while in the block."""
+    stop = threading.Event()
+
+    def beat():
+      while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+          os.utime(teacher_dir + ".claim")
+        except OSError:
+          pass  # released or broken: acquire() sorts it out
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+      yield
+    finally:
+      stop.set()
+      thread.join()
 
 
 # ---------------------------------------------------------------------------
@@ -360,43 +525,141 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def run_table(spec, workdir: str, out: Callable[[str], None] = print
-              ) -> list[dict]:
-  """Train every unfinished cell (teachers first), rewriting the outputs
-  after each; returns every run's record."""
+def run_table(spec, workdir: str, out: Callable[[str], None] = print,
+              shard: Shard | None = None) -> list[dict]:
+  """Train this job's unfinished cells (``shard``: its share of the table,
+  :func:`shard_cells`; None: every cell), each after the table-trained
+  teacher it distils from (trained once, by whichever job claims it first:
+  :class:`TeacherClaims`). After every cell it rewrites the outputs from
+  every finished run of the table, this job's or another's. Returns every
+  run's record."""
   from slkd_jax import train  # noqa: PLC0415 (jax only when training)
   os.makedirs(workdir, exist_ok=True)
-  runs = plan(spec, workdir)
-  teachers = attach_teachers(spec, runs, workdir)
-  progress = Progress(len(teachers) + len(runs),
-                      sum(images_of(c) for c in teachers.values())
-                      + sum(images_of(r.config) for r in runs), out)
-  for teacher_dir, config in teachers.items():
-    if stage_result(teacher_dir, "ce") is not None:
-      progress.skip(images_of(config))
-      continue
-    _train(train, config, teacher_dir, progress, 1,
-           f"teacher {config.student.arch}")
-  # Each run's record is read once, when it is known to be done.
-  records = [run_numbers(r) for r in runs]
-  for cell_dir, members in cells_of(runs).items():
-    cell = [runs[i] for i in members]
-    images = images_of(cell[0].config)
-    if all(records[i]["finished"] or records[i]["diverged"]
-           for i in members):
-      progress.skip(images, len(cell))
-      continue
-    config = study_config(cell) if runs_as_studies(spec) else cell[0].config
+  return _Job(spec, workdir, shard or Shard(), out, train).run()
+
+
+class _Job:
+  """One job's share of a table (see :func:`run_table`)."""
+
+  def __init__(self, spec, workdir: str, shard: Shard, out, train):
+    self.spec, self.workdir, self.shard = spec, workdir, shard
+    self.out, self.train = out, train
+    self.runs = plan(spec, workdir)
+    self.teachers = attach_teachers(spec, self.runs, workdir)
+    self.cells = shard_cells(self.runs, shard)
+    self.teacher_of = {cell: teacher_dir_of(self.runs[members[0]],
+                                            self.teachers)
+                       for cell, members in self.cells.items()}
+    mine = [t for t in self.teachers if t in self.teacher_of.values()]
+    self.claims = TeacherClaims(str(shard))
+    self.ready: set[str] = set()  # teachers known trained (and counted)
+    self.waiting_for: list[str] = []
+    self.records = [run_numbers(r) for r in self.runs]
+    self.progress = Progress(
+        len(mine) + sum(len(m) for m in self.cells.values()),
+        sum(images_of(self.teachers[t]) for t in mine)
+        + sum(images_of(self.runs[i].config) for m in self.cells.values()
+              for i in m), out)
+    self.my_teachers = mine
+
+  def run(self) -> list[dict]:
+    for teacher_dir in self.my_teachers:  # the teachers first, if free
+      self.teacher_ready(teacher_dir)
+    pending = [cell for cell in self.cells if not self.cell_done(cell)]
+    while pending:
+      ready = [c for c in pending if self.teacher_ready(self.teacher_of[c])]
+      for cell in ready:
+        self.train_cell(cell)
+        pending.remove(cell)
+      if pending and not ready:
+        self.wait_for_teachers(pending)
+    self.write()
+    self.out(self.summary())
+    return self.records
+
+  def teacher_ready(self, teacher_dir: str | None) -> bool:
+    """Whether ``teacher_dir`` (None: no table-trained teacher) is trained,
+    training it now when no other job holds its claim."""
+    if teacher_dir is None or teacher_dir in self.ready:
+      return True
+    config = self.teachers[teacher_dir]
+    if stage_result(teacher_dir, "ce") is None:
+      if not self.claims.acquire(teacher_dir):
+        return False
+      try:  # its last holder may have finished it before letting go
+        if stage_result(teacher_dir, "ce") is None:
+          with self.claims.heartbeat(teacher_dir):
+            _train(self.train, config, teacher_dir, self.progress, 1,
+                   f"teacher {config.student.arch}")
+          self.ready.add(teacher_dir)
+      finally:
+        self.claims.release(teacher_dir)
+    if teacher_dir not in self.ready:  # trained before: counted as done
+      self.ready.add(teacher_dir)
+      self.progress.skip(images_of(config))
+    return True
+
+  def cell_done(self, cell_dir: str) -> bool:
+    members = self.cells[cell_dir]
+    done = all(self.records[i]["finished"] or self.records[i]["diverged"]
+               for i in members)
+    if done:
+      self.progress.skip(images_of(self.runs[members[0]].config),
+                         len(members))
+    return done
+
+  def train_cell(self, cell_dir: str) -> None:
+    cell = [self.runs[i] for i in self.cells[cell_dir]]
+    config = (study_config(cell) if runs_as_studies(self.spec)
+              else cell[0].config)
     seeds = ", ".join(str(run.seed) for run in cell)
-    _train(train, config, cell_dir, progress, len(cell),
+    _train(self.train, config, cell_dir, self.progress, len(cell),
            f"{cell[0].row} on {cell[0].pair}, seed{'s' * (len(cell) > 1)} "
            f"{seeds}")
-    for i in members:
-      records[i] = run_numbers(runs[i])
-    write_outputs(spec, records, workdir)
-  write_outputs(spec, records, workdir)
-  out(f"table: all {len(runs)} runs finished; {os.path.join(workdir, 'table.md')}")
-  return records
+    self.write()
+
+  def write(self) -> None:
+    """The outputs from every finished run (other jobs' too: a finished
+    run's record is final, the others are read again)."""
+    self.records = [record if record["finished"] else run_numbers(run)
+                    for record, run in zip(self.records, self.runs)]
+    write_outputs(self.spec, self.records, self.workdir)
+
+  def wait_for_teachers(self, pending: Sequence[str]) -> None:
+    needed = sorted({self.teacher_of[cell] for cell in pending})
+    if needed != self.waiting_for:
+      self.waiting_for = needed
+      held = ", ".join(f"{os.path.basename(t)} (claimed by job "
+                       f"{self.claims.holder(t) or '?'})" for t in needed)
+      self.out(f"table: shard {self.shard}: {len(pending)} cell(s) wait for "
+               f"teachers other jobs train: {held}; looking again every "
+               f"{POLL_SECONDS:g} s (a claim untouched for "
+               f"{STALE_SECONDS:g} s is taken over)")
+    _sleep_unless_stopped(POLL_SECONDS)
+
+  def summary(self) -> str:
+    path = os.path.join(self.workdir, "table.md")
+    if self.shard.count == 1:
+      return f"table: all {len(self.runs)} runs finished; {path}"
+    done = sum(bool(r["finished"] or r["diverged"]) for r in self.records)
+    mine = sum(len(m) for m in self.cells.values())
+    return (f"table: shard {self.shard}: its {mine} runs finished; {done}/"
+            f"{len(self.runs)} runs of the table are; once every job has "
+            f"ended, rerun without --shard (or with --dry_run) to gather "
+            f"them in {path}")
+
+
+def _sleep_unless_stopped(seconds: float) -> None:
+  """Sleep; SIGTERM/SIGINT meanwhile raises ``Preempted`` (exit 75: the
+  scheduler requeues the job, nothing to save)."""
+  from slkd_jax import preemption  # noqa: PLC0415
+  stop = preemption.StopSignal().install()
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if stop.requested:
+      raise preemption.Preempted("stopped while waiting for a teacher; "
+                                 "rerun the command to go on")
+    time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
 def _train(train, config, workdir: str, progress: Progress, runs: int,
@@ -459,16 +722,24 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
 
 
 def dry_run(spec, workdir: str, measure: bool,
-            out: Callable[[str], None] = print) -> list[dict]:
+            out: Callable[[str], None] = print,
+            shard: Shard | None = None) -> list[dict]:
   """Print every cell (row × pair: seeds, the paper's number, images per
   run and, with ``measure``, the time per run from a short measured step)
-  and the totals; nothing trains."""
+  and the totals, of job ``shard``'s share (None: the whole table); nothing
+  trains. When ``workdir`` holds runs, it also rewrites the outputs from
+  every finished run (gathering what sharded jobs trained)."""
   runs = plan(spec, workdir)
   teachers = attach_teachers(spec, runs, workdir)
+  share = {i for members in shard_cells(runs, shard or Shard()).values()
+           for i in members}
   cells = []
   for label in spec.rows:
     for pair in spec.pairs:
-      mine = [r for r in runs if r.row == label and r.pair == pair]
+      mine = [r for i, r in enumerate(runs)
+              if r.row == label and r.pair == pair and i in share]
+      if not mine:
+        continue
       images = images_of(mine[0].config)
       together = len(mine) if runs_as_studies(spec) else 1
       # A study's runs advance together: its time, shared by its runs.
@@ -483,11 +754,25 @@ def dry_run(spec, workdir: str, measure: bool,
         "time/run": ("-" if c["seconds_per_run"] is None
                      else _duration(c["seconds_per_run"]))} for c in cells],
       ["row", "pair", "method", "runs", "paper", "images/run", "time/run"]))
-  out(_totals(cells, teachers, measure))
+  needed = {teacher_dir_of(runs[i], teachers) for i in share}
+  out((f"shard {shard}: " if shard else "")
+      + _totals(cells, [t for t in teachers if t in needed], measure))
+  if os.path.isdir(os.path.join(workdir, "runs")):
+    out(gather(spec, runs, workdir))
   return cells
 
 
-def _totals(cells: Sequence[dict], teachers: dict, measure: bool) -> str:
+def gather(spec, runs: Sequence[Run], workdir: str) -> str:
+  """Rewrite the outputs from every finished run; a line saying so."""
+  records = [run_numbers(run) for run in runs]
+  write_outputs(spec, records, workdir)
+  done = sum(bool(r["finished"]) for r in records)
+  return (f"table: {done}/{len(records)} runs finished; "
+          f"{os.path.join(workdir, 'table.md')} rewritten from them")
+
+
+def _totals(cells: Sequence[dict], teachers: Sequence[str],
+            measure: bool) -> str:
   runs = sum(c["runs"] for c in cells)
   images = sum(c["images_per_run"] * c["runs"] for c in cells)
   own = ", ".join(sorted(os.path.basename(t) for t in teachers)) or "none"
@@ -516,6 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "and estimated time; train nothing.", flag_values=fv)
   measure = flags.DEFINE_bool("measure", True, "With --dry-run: time one "
                               "step per cell (compiles each).", flag_values=fv)
+  shard = flags.DEFINE_string("shard", None, "I/N: run only job I's share "
+                              "of N jobs (counted from 0); see README, "
+                              "'Paper tables'.", flag_values=fv)
   argv = list(sys.argv if argv is None else argv)
   try:
     fv(argv)
@@ -525,9 +813,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from slkd_jax import parallel  # noqa: PLC0415
     parallel.configure_jax(plan(spec, out_dir.value)[0].config)
     if dry.value:
-      dry_run(spec, out_dir.value, measure.value)
+      dry_run(spec, out_dir.value, measure.value,
+              shard=parse_shard(shard.value))
     else:
-      run_table(spec, out_dir.value)
+      run_table(spec, out_dir.value, shard=parse_shard(shard.value))
   except preemption.Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     return preemption.PREEMPTED_EXIT_CODE

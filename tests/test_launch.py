@@ -122,16 +122,22 @@ def test_local_forwards_sigterm(tmp_path, marker):
   assert proc.wait(timeout=10) == 75, proc.stderr.read()
 
 
-def _run_slurm(tmp_path, srun_status):
+def _run_slurm(tmp_path, srun_status, args=("--workdir=/w",), env=None):
+  """slurm.sh with fake srun/scontrol, run in tmp_path (its own
+  submission directory, so no .venv of the checkout is activated)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   calls = tmp_path / "scontrol_calls"
-  _script(bin_dir / "srun", f'echo "$*" > {tmp_path}/srun_args\n'
-                            f"exit {srun_status}\n")
+  _script(bin_dir / "srun",
+          f'echo "$*" > {tmp_path}/srun_args\n'
+          f'echo "${{SLKD_TEST_VENV:-none}}" > {tmp_path}/srun_venv\n'
+          f"exit {srun_status}\n")
   _script(bin_dir / "scontrol", f'echo "$*" >> {calls}\n')
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
-             SLURM_JOB_ID="4242", HOME=str(tmp_path))
-  proc = subprocess.run(["bash", SLURM, "--workdir=/w"], env=env,
+  inherited = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLKD_", "SLURM_ARRAY_"))}
+  env = dict(inherited, PATH=f"{bin_dir}:{os.environ['PATH']}",
+             SLURM_JOB_ID="4242", HOME=str(tmp_path), **(env or {}))
+  proc = subprocess.run(["bash", SLURM, *args], env=env, cwd=tmp_path,
                         capture_output=True, text=True, timeout=30)
   requeues = calls.read_text().splitlines() if calls.exists() else []
   return proc, requeues
@@ -157,3 +163,64 @@ def test_slurm_does_not_requeue_a_crash(tmp_path):
 def test_slurm_keeps_the_early_signal():
   with open(SLURM) as f:
     assert "#SBATCH --signal=TERM@120\n" in f.read()
+
+
+def _slurm_text():
+  with open(SLURM) as f:
+    return f.read()
+
+
+def test_slurm_appends_to_the_log_of_a_requeued_job():
+  assert "\n#SBATCH --open-mode=append\n" in _slurm_text()
+
+
+@pytest.mark.parametrize("option", ["partition", "time", "output"])
+def test_slurm_shows_site_options_as_inactive_examples(option):
+  text = _slurm_text()
+  assert f"\n##SBATCH --{option}=" in text  # ignored by sbatch until edited
+  assert f"\n#SBATCH --{option}" not in text  # no placeholder is live
+
+
+def test_slurm_header_has_a_single_gpu_cifar_example():
+  header = _slurm_text().split("\nset -euo pipefail")[0]
+  assert "sbatch --gpus=1 launch/slurm.sh --config=configs/cifar100.py" in (
+      header)
+
+
+def test_slurm_activates_the_virtualenv(tmp_path):
+  venv = tmp_path / "myvenv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "activate").write_text(
+      "export SLKD_TEST_VENV=activated\n"
+      'echo "$UNSET_IN_ACTIVATE" >/dev/null\n')  # set -u must not trip
+  proc, _ = _run_slurm(tmp_path, 0, env={"SLKD_VENV": str(venv)})
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "srun_venv").read_text().strip() == "activated"
+
+
+def test_slurm_runs_without_a_virtualenv(tmp_path):
+  proc, _ = _run_slurm(tmp_path, 0, env={"SLKD_VENV": str(tmp_path / "no")})
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "srun_venv").read_text().strip() == "none"
+
+
+def test_slurm_gives_each_array_job_its_table_shard(tmp_path):
+  proc, _ = _run_slurm(tmp_path, 0, args=("--config=t.py", "--workdir=/w"),
+                       env={"SLKD_MODULE": "slkd_jax.table",
+                            "SLURM_ARRAY_TASK_ID": "3",
+                            "SLURM_ARRAY_TASK_MIN": "1",
+                            "SLURM_ARRAY_TASK_COUNT": "4"})
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "srun_args").read_text().split() == [
+      "--kill-on-bad-exit=1", "python", "-m", "slkd_jax.table",
+      "--config=t.py", "--workdir=/w", "--shard=2/4"]
+
+
+def test_slurm_keeps_a_shard_the_arguments_give(tmp_path):
+  proc, _ = _run_slurm(tmp_path, 0, args=("--workdir=/w", "--shard=0/2"),
+                       env={"SLKD_MODULE": "slkd_jax.table",
+                            "SLURM_ARRAY_TASK_ID": "1",
+                            "SLURM_ARRAY_TASK_COUNT": "2"})
+  assert proc.returncode == 0, proc.stderr
+  args = (tmp_path / "srun_args").read_text().split()
+  assert args[3:] == ["slkd_jax.table", "--workdir=/w", "--shard=0/2"]
