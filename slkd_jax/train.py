@@ -40,6 +40,7 @@ from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax.errors import ConfigError, NonFiniteLossError
 from slkd_jax.preemption import Preempted
+from slkd_jax.workdir import check_workdir
 
 TEACHER_STAGE = config_lib.TEACHER_STAGE
 stage_config = config_lib.stage_config
@@ -420,25 +421,6 @@ def write_stage_summary(stage_dir: str, name: str,
 
 # ---------------------------------------------------------------------------
 # The run.
-
-
-def check_workdir(workdir: str | None) -> str:
-  """The absolute workdir, created if needed; a clear error when it cannot
-  be used."""
-  if not workdir or not workdir.strip():
-    raise ConfigError("--workdir is empty: give the directory for "
-                      "checkpoints and metrics")
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory")
-  if jax.process_index() == 0:
-    try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise ConfigError(f"cannot create --workdir={workdir} "
-                        f"({e.strerror or e})") from None
-    checkpoint.check_writable(workdir)
-  return workdir
 
 
 def _check_data(config, train_data) -> None:
