@@ -143,12 +143,37 @@ STUDY_KEYS = {**{key: f"loss.{key}" for key in methods.LOSS_KEYS},
               "learning_rate": "optim.learning_rate",
               "fusion_weights": "slkd.fusion_weights"}
 
+_COMPILED_OPTIMIZER = ("a constant of the compiled optimizer (optim.py), "
+                       "not an array the step reads")
+_SHARED_SCHEDULE = ("the learning-rate schedule is shared by the runs "
+                    "(vary learning_rate to scale it)")
+#: Keys a study is asked to vary that it cannot: each changes the compiled
+#: program, so ``study.vary.<key>`` exists only to say why (validation
+#: refuses it) instead of "no such key".
+STUDY_FIXED_KEYS = {
+    "momentum": f"optim.momentum is {_COMPILED_OPTIMIZER}",
+    "weight_decay": f"optim.weight_decay is {_COMPILED_OPTIMIZER}",
+    "nesterov": f"optim.nesterov is {_COMPILED_OPTIMIZER}",
+    "decay_epochs": _SHARED_SCHEDULE,
+    "decay_rate": _SHARED_SCHEDULE,
+    "batch_size": "the batch shape is compiled into the step",
+    "num_epochs": "the runs share one epoch loop",
+    "num_slts": "slkd.num_slts is the number of SL-Ts, a shape of the "
+                "compiled state",
+    "arch": "the architectures are compiled into the step",
+    "method": "each method compiles its own step (compare methods with "
+              "compare_with)",
+    "dtype": "the compute dtype is compiled into the step",
+    "seed": "the runs' seeds are study.seeds",
+}
+
 
 def study_section() -> ml_collections.ConfigDict:
   """``config.study`` (docs/studies.md): R runs of every distillation stage
   trained as one program. ``seeds``: run ``r``'s seed (None: one run, with
   ``config.seed``); ``vary.<key>``: run ``r``'s value of that
   hyper-parameter (:data:`STUDY_KEYS`), a tuple as long as ``seeds``;
+  (the keys of :data:`STUDY_FIXED_KEYS` are there to be refused);
   ``impl``: ``'vmap'`` | ``'unrolled'`` over the run axis (None: as
   ``slkd.ensemble``); ``shared_data``: one training order and augmentation
   for all runs (run 0's; the teacher's forward pass is then computed once),
@@ -156,7 +181,7 @@ def study_section() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "seeds": ml_collections.FieldReference(None, field_type=tuple),
       "vary": {key: ml_collections.FieldReference(None, field_type=tuple)
-               for key in STUDY_KEYS},
+               for key in (*STUDY_KEYS, *STUDY_FIXED_KEYS)},
       "impl": ml_collections.FieldReference(None, field_type=str),
       "shared_data": True,
   })
@@ -305,8 +330,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_loss(config, method)
   _validate_optim(config.optim)
   _validate_cadence(config)
+  _validate_study_vary(config)
   if is_study(config):
     _validate_study(config)
+
+
+def _validate_study_vary(config) -> None:
+  """``study.vary`` only on keys that can vary, and only in a study."""
+  study = config.get("study")
+  if study is None:
+    return
+  varied = [key for key, values in study.vary.items() if values is not None]
+  for key in varied:
+    if key in STUDY_FIXED_KEYS:
+      raise errors.ConfigError(
+          f"config.study.vary.{key} cannot vary: {STUDY_FIXED_KEYS[key]}; "
+          f"a study varies only values the step reads as arrays "
+          f"({', '.join(STUDY_KEYS)}); train separate runs for other "
+          f"{key} values")
+  if varied and study.seeds is None:
+    raise errors.ConfigError(
+        f"config.study.vary.{varied[0]} is set but config.study.seeds is "
+        f"None, so there is no study to vary it over: set study.seeds, one "
+        f"seed per run (e.g. --config.study.seeds='(0,1)' for 2 values)")
 
 
 def _validate_study(config) -> None:

@@ -10,6 +10,7 @@ depend on the device or process count.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -128,10 +129,54 @@ def _add_xla_flag(flag: str) -> None:
     os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
+# jaxlib's CPU LAPACK kernels (jaxlib/cpu/lapack_kernels.cc, ParallelBatchMap;
+# KDSVD's SVD is one) split a batch into chunks, schedule them on XLA's
+# intra-op thread pool and block that thread until the chunks are done. Each
+# device's program runs on the same pool, sized max(CPUs, devices): when every
+# pool thread waits in an SVD (or at a collective for a device that does),
+# no thread is left to run the chunks, and the run hangs with every thread in
+# futex wait (8 CPU devices on 2 cores, and a 2-thread pool on 2 cores). The
+# pool's size is read from $PJRT_NPROC when the CPU backend starts; threads
+# beyond the cores mostly wait, so a run with such a method gets a thread
+# for each LAPACK call every device can have in flight (KDSVD: two per
+# distilled feature map, at most 8) and the cores on top.
+LAPACK_METHODS = ("kdsvd",)
+LAPACK_POOL_THREADS_PER_DEVICE = 8
+
+
+def _cpu_device_count() -> int:
+  """The CPU devices XLA will create (``--xla_force_host_platform_device_
+  count`` or ``jax_num_cpu_devices``; 1 by default)."""
+  forced = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                     os.environ.get("XLA_FLAGS", ""))
+  configured = jax.config.jax_num_cpu_devices
+  return max(int(forced.group(1)) if forced else 1,
+             configured if configured and configured > 0 else 1)
+
+
+def lapack_safe_pool_size() -> int:
+  """An intra-op pool size that leaves threads for LAPACK's chunks while
+  every device's program waits in a LAPACK call."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+      else (os.cpu_count() or 1)
+  return cpus + LAPACK_POOL_THREADS_PER_DEVICE * _cpu_device_count()
+
+
+def _size_pool_for_lapack(config) -> None:
+  methods = (config.get("method"), *(config.get("compare_with") or ()))
+  if not any(m in LAPACK_METHODS for m in methods):
+    return
+  if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
+    return  # sized by whoever launched the run
+  os.environ["PJRT_NPROC"] = str(lapack_safe_pool_size())
+
+
 def configure_jax(config) -> None:
   """Process-wide settings a run config asks for; call before anything is
-  traced (float64) or any backend starts (XLA flags are read once)."""
+  traced (float64) or any backend starts (XLA flags and the CPU thread
+  pool's size are read once)."""
   _add_xla_flag(CPU_DETERMINISM_FLAG)
+  _size_pool_for_lapack(config)
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   if config.get("deterministic", False):

@@ -100,12 +100,27 @@ def unique_workdirs(workdirs: Sequence[str]) -> tuple[list[str], list[str]]:
   return kept, warnings
 
 
+def warn_unreadable(path: str, line_numbers: Sequence[int]) -> None:
+  """One line on stderr: ``path`` has unreadable lines, which the report
+  skips (a record lost there is not silently missing from a mean)."""
+  count = len(line_numbers)
+  shown = ", ".join(str(n) for n in line_numbers[:10]) + (
+      ", ..." if count > 10 else "")
+  print(f"warning: {path}: {count} unreadable line{'s' if count > 1 else ''} "
+        f"skipped (line{'s' if count > 1 else ''} {shown}; not JSON: a write "
+        f"cut short by a crash?)", file=sys.stderr)
+
+
 def eval_history(path: str) -> list[dict[str, Any]]:
   """The eval records of a ``metrics.jsonl`` (keys without ``eval/``), one
   per epoch in epoch order; a repeated epoch keeps its last record, which
-  the resumed run wrote."""
+  the resumed run wrote. Unreadable lines are skipped with a warning
+  (:func:`warn_unreadable`)."""
   by_epoch: dict[int, dict[str, Any]] = {}
-  records = [r for r in metrics.read_jsonl(path) if "eval/student/top1" in r]
+  records, unreadable = metrics.read_jsonl_checked(path)
+  if unreadable:
+    warn_unreadable(path, unreadable)
+  records = [r for r in records if "eval/student/top1" in r]
   for index, record in enumerate(records):
     record = {k.removeprefix("eval/"): v for k, v in record.items()}
     record.setdefault("epoch", index + 1)  # logs that lack it: by position

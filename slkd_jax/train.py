@@ -42,7 +42,7 @@ from slkd_jax.errors import ConfigError, NonFiniteLossError
 from slkd_jax.plan import RunPlan, plan_run
 from slkd_jax.preemption import Preempted
 from slkd_jax.stage_files import StageResult
-from slkd_jax.workdir import check_workdir
+from slkd_jax.workdir import check_workdir, workdir_lock
 
 TEACHER_STAGE = config_lib.TEACHER_STAGE
 stage_config = config_lib.stage_config
@@ -160,6 +160,12 @@ def run(config: ml_collections.ConfigDict, workdir: str
   """
   config_lib.validate(config)
   workdir = check_workdir(workdir)
+  with workdir_lock(workdir):  # one run per workdir at a time
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str
+         ) -> dict[str, StageResult]:
   mesh = parallel.make_mesh()
   for key in ("batch_size", "eval_batch_size"):
     parallel.check_global_batch(config[key], mesh, key)

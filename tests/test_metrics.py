@@ -43,6 +43,57 @@ def test_jsonl_round_trip_and_append_on_reopen(tmp_path):
                                          "stage": "slkd", "loss": 0.25}
 
 
+def _write_records(path, steps):
+  with metrics.JsonlWriter(path) as w:
+    for step in steps:
+      w.write(step, {"train/loss": 1.0 / step}, epoch=1, stage="kd")
+
+
+def test_resume_after_a_half_written_last_line_cuts_it(tmp_path, caplog):
+  # A crash mid-write leaves part of a line; the resumed run must not
+  # append onto it (that would lose its own first record too).
+  path = tmp_path / "metrics.jsonl"
+  _write_records(path, [1, 2, 3])
+  complete = path.read_bytes()
+  with open(path, "ab") as f:
+    f.write(b'{"step": 4, "epoch": 1, "stage": "kd", "train/lo')
+  with caplog.at_level("INFO"):
+    assert metrics.truncate_jsonl(path, 3) == 0  # no record was dropped
+  assert path.read_bytes() == complete
+  (line,) = [r.getMessage() for r in caplog.records
+             if "metrics.jsonl" in r.getMessage()]
+  assert "cut 1 unreadable line (48 bytes; line 4 of 4)" in line and str(path) in line
+  _write_records(path, [4])
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3, 4]
+  assert all(json.loads(x) for x in path.read_text().splitlines())
+
+
+def test_truncate_keeps_every_complete_record_up_to_the_restored_step(
+    tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  _write_records(path, [1, 2, 3, 4, 5])
+  lines = path.read_text().splitlines(keepends=True)
+  with open(path, "a") as f:
+    f.write('{"step": 6, "epo')
+  assert metrics.truncate_jsonl(path, 3) == 2  # steps 4 and 5
+  assert path.read_text() == "".join(lines[:3])
+  # A complete last record whose newline was never written is a record.
+  path.write_text("".join(lines[:2]) + lines[2].rstrip("\n"))
+  assert metrics.truncate_jsonl(path, 3) == 0
+  assert path.read_text() == "".join(lines[:3])
+  # Nothing to cut: the file is left alone.
+  before = os.stat(path).st_mtime_ns
+  assert metrics.truncate_jsonl(path, 3) == 0
+  assert os.stat(path).st_mtime_ns == before
+
+
+def test_a_writer_never_appends_onto_a_partial_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2, "ep')
+  _write_records(path, [3])
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 3]
+
+
 def _crc32c(data):
   # CRC-32C (Castagnoli, reflected), bit by bit: the test's own, so the
   # writer's checksums are checked against an independent implementation.
@@ -111,6 +162,40 @@ def test_metric_writer_tensorboard_read_back(tmp_path):
   assert json.loads(lines[0]) == {
       "step": 0, "epoch": 1, "stage": "kd", "eval/loss": 2.5,
       "eval/lr": float(np.float32(0.05)), "eval/note": "text is skipped"}
+
+
+def test_tensorboard_shows_percent_throughput_and_the_config_once(tmp_path):
+  config = {"method": "kd", "batch_size": 64}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  seconds = iter([0.0, 10.0, 12.0, 20.0, 30.0])
+  train = {"student/acc": np.float32(0.25), "loss": 1.0}
+  with metrics.MetricWriter(tmp_path) as w:
+    w._clock = lambda: next(seconds)
+    w.write(2, train, prefix="train/", epoch=1)  # the first: no rate yet
+    w.write(4, train, prefix="train/", epoch=1)  # 2 steps × 64 in 10 s
+    w.write(4, {"epoch": 1, "student/top1": 40.0}, prefix="eval/", epoch=1)
+    w.write(6, train, prefix="train/", epoch=2)  # after an eval: restarts
+    w.write(8, train, prefix="train/", epoch=2)
+  (name,) = os.listdir(tmp_path / "tensorboard")
+  events = _read_events(tmp_path / "tensorboard" / name)
+  values = [(v, e.step) for e in events for v in e.summary.value]
+  scalars = {(v.tag, step): v.simple_value for v, step in values
+             if v.WhichOneof("value") == "simple_value"}
+  assert scalars == {
+      **{(f"train/{k}", s): v for s in (2, 4, 6, 8)
+         for k, v in (("student/acc", 25.0), ("loss", 1.0))},
+      ("eval/student/top1", 4): 40.0,  # a percent already; no eval/epoch
+      ("train/images_per_second", 4): float(np.float32(12.8)),
+      ("train/images_per_second", 8): float(np.float32(12.8))}
+  texts = [(v, step) for v, step in values
+           if v.WhichOneof("value") == "tensor"]
+  assert len(texts) == 1 and texts[0][1] == 2
+  assert '"batch_size": 64' in texts[0][0].tensor.string_val[0].decode()
+  # The log of record is what the loop passed.
+  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert records[0]["train/student/acc"] == 0.25
+  assert records[2] == {"step": 4, "epoch": 1, "eval/epoch": 1,
+                        "eval/student/top1": 40.0}
 
 
 def test_each_writer_adds_its_own_event_file(tmp_path):

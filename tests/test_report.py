@@ -239,3 +239,16 @@ def test_no_eval_records_is_a_clear_error(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   assert report.main([str(tmp_path / "empty")]) == 2
   assert "no evaluated stage" in capsys.readouterr().err
+
+
+def test_unreadable_metric_lines_are_warned_per_file(tmp_path, capsys):
+  good = _write_run(tmp_path / "a", "slkd", [60.0, 61.0, 62.0])
+  bad = _write_run(tmp_path / "b", "slkd", [50.0, 51.0, 52.0])
+  path = os.path.join(bad, "slkd", "metrics.jsonl")
+  with open(path, "a") as f:
+    f.write('{"step": 40, "epo\n{"step": 41, "epoch": 4}{"st\n')
+  runs = report.load_runs([good, bad])
+  assert [r.last_epoch for r in runs] == [3, 3]
+  warnings = capsys.readouterr().err.splitlines()
+  assert warnings == [f"warning: {path}: 2 unreadable lines skipped "
+                      f"(lines 7, 8; not JSON: a write cut short by a crash?)"]
