@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import io
 import logging as std_logging
+import os
 import re
 import sys
 import threading
@@ -48,6 +49,8 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = re.compile(
     r"no space left on device|disk quota exceeded|"
     rf"errno(?: |=|: )?(?:{errno.ENOSPC}|{errno.EDQUOT})\b", re.IGNORECASE)
+
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 DefineFlags = Callable[[flags.FlagValues, Sequence[str]], None]
 Body = Callable[[flags.FlagValues, list], "int | None"]
@@ -143,17 +146,26 @@ def guard(body: Callable[[], "int | None"],
   """``body()``'s exit status, with the errors a user fixes turned into one
   ``error:`` line and status 2, and a preemption into status 75.
 
-  Anything else propagates with its traceback; ``SystemExit`` passes.
+  A full disk found in another thread or in a library's error log (orbax
+  saves in background threads and logs their failures with tracebacks) is
+  kept back and reported as the cause, even when the main thread then fails
+  with a secondary error, or not at all. Anything else propagates with its
+  traceback; ``SystemExit`` passes.
   """
-  recorder = _ThreadErrors().install()
+  watch = _DiskFullWatch().install()
   try:
     status = body()
   except BaseException as e:  # noqa: BLE001 - classified, else re-raised
-    status = _status_of(e, recorder.first_disk_full, output)
+    status = _status_of(e, watch.first, output)
     if status is None:
       raise
+  else:
+    if watch.first is not None:  # a write failed: the output is incomplete
+      print(f"error: {disk_full_line(watch.first, output())}",
+            file=sys.stderr)
+      status = EXIT_USER_ERROR
   finally:
-    recorder.uninstall()
+    watch.uninstall()
   return EXIT_OK if status is None else int(status)
 
 
@@ -163,9 +175,12 @@ def _status_of(error: BaseException, thread_disk_full: BaseException | None,
   when it is a bug (or an exit) that keeps its traceback."""
   if isinstance(error, (SystemExit, KeyboardInterrupt)):
     return None
-  disk_full = _disk_full_in(error) or thread_disk_full
-  if disk_full is not None:
-    print(f"error: {disk_full_line(disk_full, output())}", file=sys.stderr)
+  disk_full = _disk_full_in(error)
+  if disk_full is not None or thread_disk_full is not None:
+    # The path: of the first failure, else where the main thread saw it.
+    cause = thread_disk_full or disk_full
+    print(f"error: {disk_full_line(cause, output(), also=error)}",
+          file=sys.stderr)
     return EXIT_USER_ERROR
   # Looked up, not imported: preemption imports jax, which a command that
   # never trains (report, --help) need not load.
@@ -207,33 +222,41 @@ def _disk_full_in(error: BaseException) -> BaseException | None:
   return found[-1] if found else None
 
 
-def disk_full_line(error: BaseException, output: str | None = None) -> str:
-  """One line: which path could not be written, and what to do."""
-  path = _failed_path(error) or output
+def disk_full_line(error: BaseException, output: str | None = None,
+                   also: BaseException | None = None) -> str:
+  """One line: which path could not be written (from ``error``, else from
+  ``also``, the error that carried it; else ``output``), and what to do."""
+  path = _failed_path(error) or (also and _failed_path(also)) or output
+  if path and _ORBAX_TMP in path:  # orbax writes a step under a temporary name
+    path = path[:path.index(_ORBAX_TMP)]
   what = ("disk quota exceeded" if getattr(error, "errno", None) ==
           errno.EDQUOT or "quota" in str(error).lower()
           else "no space left on device")
-  where = f"writing {path}" if path else "writing the output"
-  return (f"{what} while {where}; free space there (or raise the quota) "
-          f"and rerun the same command to resume, or choose another "
-          f"--workdir / --out")
+  return (f"{what} while writing {path or 'the output'}: free space on that "
+          f"disk (or raise the quota), then rerun the same command (training "
+          f"resumes from its last checkpoint)")
 
 
 def _failed_path(error: BaseException) -> str | None:
-  """The file a failed write was writing: the OSError's filename, else an
-  open file in the frame that failed (``f.write`` / ``f.flush`` raise
-  without one), else a quoted path in the message (tensorstore's wording).
-  """
-  filename = getattr(error, "filename", None)
-  if filename:
-    return str(filename)
-  for frame in reversed(_frames(error)):  # innermost first
-    for value in frame.f_locals.values():
-      name = _open_file_name(value)
-      if name:
-        return name
-  quoted = re.search(r"""["']((?:/|\w:\\)[^"']+)["']""", str(error))
-  return quoted.group(1) if quoted else None
+  """The file a failed write was writing, from the errors of ``error``'s
+  chain, the first first: an OSError's filename, else an open file in the
+  frame that failed (``f.write`` / ``f.flush`` raise without one), else a
+  quoted path in the message (tensorstore's wording)."""
+  chain = list(_chain(error))[::-1]
+  for e in chain:
+    if getattr(e, "filename", None):
+      return str(e.filename)
+  for e in chain:
+    for frame in reversed(_frames(e)):  # innermost first
+      for value in frame.f_locals.values():
+        name = _open_file_name(value)
+        if name:
+          return name
+  for e in chain:
+    quoted = re.search(r"""["']((?:/|\w:\\)[^"']+)["']""", str(e))
+    if quoted:
+      return quoted.group(1)
+  return None
 
 
 def _frames(error: BaseException) -> list:
@@ -255,29 +278,43 @@ def _open_file_name(value: Any) -> str | None:
   return None
 
 
-class _ThreadErrors:
-  """Records the first disk-full error raised in another thread while the
-  command runs, in case the main thread only sees a secondary error."""
+class _DiskFullWatch:
+  """While installed, records the first disk-full error raised in another
+  thread or logged with its exception by a library (and drops that log
+  record: the error is reported once, in one line)."""
+
+  _LOGGERS = ("", "absl")  # the root logger and absl's (orbax logs there)
 
   def __init__(self):
-    self.first_disk_full: BaseException | None = None
-    self._previous = None
+    self.first: BaseException | None = None
+    self._previous_hook = None
 
-  def install(self) -> "_ThreadErrors":
-    self._previous = threading.excepthook
+  def _seen(self, error: BaseException | None) -> bool:
+    found = _disk_full_in(error) if error is not None else None
+    if found is not None and self.first is None:
+      self.first = found
+    return found is not None
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    """The logging filter: keep every record but a disk-full error's."""
+    return not (record.exc_info and self._seen(record.exc_info[1]))
+
+  def install(self) -> "_DiskFullWatch":
+    self._previous_hook = threading.excepthook
 
     def hook(args):
-      if (self.first_disk_full is None and args.exc_value is not None
-          and _disk_full_in(args.exc_value) is not None):
-        self.first_disk_full = _disk_full_in(args.exc_value)
-      self._previous(args)
+      if not self._seen(args.exc_value):
+        self._previous_hook(args)
 
     threading.excepthook = hook
+    for name in self._LOGGERS:
+      std_logging.getLogger(name).addFilter(self)
     return self
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      threading.excepthook = self._previous
+    threading.excepthook = self._previous_hook
+    for name in self._LOGGERS:
+      std_logging.getLogger(name).removeFilter(self)
 
 
 # ---------------------------------------------------------------------------
@@ -356,4 +393,17 @@ def start(main: Callable[[Sequence[str]], int]) -> None:
     return argv
 
   std_logging.getLogger("absl").addFilter(QuietLibraries())
-  app.run(lambda argv: main(argv[1:]), flags_parser=no_global_flags)
+  app.run(lambda argv: _last_word(main(argv[1:])),
+          flags_parser=no_global_flags)
+
+
+def _last_word(status: int) -> int:
+  """After a failure's one line, nothing more: library threads still
+  running at exit (orbax's, after a failed save) would print secondary
+  errors ("Event loop is closed"...) while the interpreter shuts down."""
+  if status:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+  return status

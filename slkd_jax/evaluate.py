@@ -79,6 +79,7 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   from slkd_jax import state as state_lib
   stage_dir = os.path.join(workdir, stage)
   config = _stage_config(stage_dir)
+  directory = _checkpoint_dir(stage_dir, which)  # before minutes of setup
   parallel.configure_jax(config)
   resolved = stage_lib.resolve(config)
   teacher = None
@@ -92,7 +93,7 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
   state = state_lib.create_state(resolved, mesh, teacher,
                                  getattr(train_data, "labels", None))
-  trainable, meta = _restore(stage_dir, which, state.replace(teacher=None),
+  trainable, meta = _restore(directory, which, state.replace(teacher=None),
                              mesh)
   result = train.evaluate(train_step.make_eval_step(resolved, mesh),
                           trainable.replace(teacher=teacher), eval_data,
@@ -100,28 +101,40 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   return _rows(stage, which, meta["epoch"], result)
 
 
-def _restore(stage_dir: str, which: str, trainable, mesh):
-  """``(state, meta)`` of the stage's best or newest checkpoint, or a
-  :class:`CheckpointError` that says what to evaluate instead."""
-  from slkd_jax import checkpoint
+def _instead(which: str) -> str:
+  return ("; evaluate the newest training checkpoint with "
+          "--checkpoint=latest" if which == "best" else "")
+
+
+def _checkpoint_dir(stage_dir: str, which: str) -> str:
+  """The stage's directory of ``which`` checkpoints; a
+  :class:`CheckpointError` when there is none (``Checkpointer`` would
+  create it)."""
   directory = os.path.join(stage_dir,
                            "best" if which == "best" else "checkpoints")
-  instead = ("; evaluate the newest training checkpoint with "
-             "--checkpoint=latest" if which == "best" else "")
-  # Checkpointer would create a missing directory: say it is missing.
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory} does not exist: the stage has no "
-                          f"{which} checkpoint{instead}")
+                          f"{which} checkpoint{_instead(which)}")
+  return directory
+
+
+def _restore(directory: str, which: str, trainable, mesh):
+  """``(state, meta)`` of the newest readable checkpoint in ``directory``
+  (of ``which`` kind), or a :class:`CheckpointError` that says what to
+  evaluate instead."""
+  from slkd_jax import checkpoint
   ckpt = checkpoint.Checkpointer(directory, 1)
   try:
     restored = ckpt.restore_latest(checkpoint.abstract_like(trainable, mesh))
   except CheckpointError:  # its advice is for training: ours instead
     raise CheckpointError(f"none of the checkpoints in {directory} can be "
-                          f"read (see the warnings above){instead}") from None
+                          f"read (see the warnings above){_instead(which)}"
+                          ) from None
   finally:
     ckpt.close()
   if restored is None:
-    raise CheckpointError(f"{directory} holds no checkpoint yet{instead}")
+    raise CheckpointError(f"{directory} holds no checkpoint yet"
+                          f"{_instead(which)}")
   return restored
 
 
