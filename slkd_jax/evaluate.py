@@ -141,14 +141,14 @@ def _restore(directory: str, which: str, trainable, mesh):
 def _model_dir_mistake(path: str) -> str | None:
   """Advice when ``--model`` names a training workdir or a stage of one
   (``--model`` takes one network's directory)."""
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      path) and _stages(path):
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return None
+  if _stages(path):
     return (f"--model={path} is a training workdir: evaluate it with "
             f"--workdir={path}, or one network with "
             f"--model={os.path.join(path, '<stage>', 'best_model')}")
-  if os.path.isfile(os.path.join(path, "config.json")) and any(
-      os.path.isdir(os.path.join(path, d))
-      for d in ("best_model", "final_model", "best", "checkpoints")):
+  if any(os.path.isdir(os.path.join(path, d))
+         for d in ("best_model", "final_model", "best", "checkpoints")):
     workdir, stage = os.path.split(os.path.normpath(path))
     return (f"--model={path} is a stage of a training workdir: evaluate it "
             f"with --workdir={workdir} --stage={stage}, or its network with "
