@@ -2,9 +2,9 @@
 
 Everything raised as a :class:`UserError` (a bad config value, missing or
 damaged data, an unreadable checkpoint, a missing optional dependency, a
-diverged loss) says what is wrong and what to do, and ``python -m
-slkd_jax.main`` prints it as one line and exits with status 2. Any other
-exception is a bug in slkd_jax or a library and keeps its traceback.
+diverged loss) says what is wrong and what to do, and every command
+(:mod:`slkd_jax.cli`) prints it as one line and exits with status 2. Any
+other exception is a bug in slkd_jax or a library and keeps its traceback.
 """
 
 
@@ -22,6 +22,12 @@ class CheckpointError(UserError, RuntimeError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """A loss term became NaN/Inf; the message names the step and the term."""
+
+
+class ConversionError(ConfigError):
+  """A PyTorch checkpoint or a converted teacher cannot be converted or
+  loaded (:mod:`slkd_jax.convert_torch`): the message says why and how to
+  fix it (a ``ValueError``, as before)."""
 
 
 class MissingDependencyError(UserError, ImportError):

@@ -21,27 +21,40 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
-_STAGE = flags.DEFINE_list("stage", None, "Stages to evaluate (default: "
-                           "every stage of the workdir).")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                "Which checkpoint of each stage.")
-_MODEL = flags.DEFINE_string("model", None, "A standalone model: an "
-                             "artifact dir, a converted teacher, or a .pth.")
-_ARCH = flags.DEFINE_string("arch", None, "Architecture of a .pth --model.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "With --model: the config whose data to evaluate on.")
+from slkd_jax import cli
+from slkd_jax.errors import CheckpointError, ConfigError
+
+PROG = "python -m slkd_jax.evaluate"
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """The flags of ``python -m slkd_jax.evaluate``."""
+  flags.DEFINE_string("workdir", None, "A training workdir.", flag_values=fv)
+  flags.DEFINE_list("stage", None, "Stages to evaluate (default: every stage "
+                    "of the workdir).", flag_values=fv)
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                    "Which checkpoint of each stage: the best epoch's, or the "
+                    "newest training checkpoint.", flag_values=fv)
+  flags.DEFINE_string("model", None, "A standalone model: a stage's "
+                      "best_model/final_model dir, a converted teacher, or a "
+                      ".pth (a workdir goes to --workdir).", flag_values=fv)
+  flags.DEFINE_string("arch", None, "Architecture of a .pth --model.",
+                      flag_values=fv)
+  config_flags.DEFINE_config_file(
+      "config", None, "With --model: the config whose data to evaluate on.",
+      flag_values=fv, sys_argv=list(argv))
+
 
 _COLUMNS = ["stage", "checkpoint", "epoch", "network", "top-1", "top-5"]
 
 
 def _stage_config(stage_dir: str):
   import ml_collections
-  from slkd_jax.errors import ConfigError
   path = os.path.join(stage_dir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{stage_dir} is not a stage of a workdir (no "
@@ -60,13 +73,13 @@ def _rows(stage: str, which: str, epoch, result: dict) -> list[dict]:
 
 def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
   """Rows of :data:`_COLUMNS` for one stage's checkpoint."""
-  from slkd_jax import checkpoint, evaluation, parallel, teachers, train_step
+  from slkd_jax import evaluation, parallel, teachers, train_step
   from slkd_jax import data as data_lib
   from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
-  from slkd_jax.errors import CheckpointError
   stage_dir = os.path.join(workdir, stage)
   config = _stage_config(stage_dir)
+  directory = _checkpoint_dir(stage_dir, which)  # before minutes of setup
   parallel.configure_jax(config)
   resolved = stage_lib.resolve(config)
   teacher = None
@@ -80,33 +93,82 @@ def evaluate_stage(workdir: str, stage: str, which: str, mesh) -> list[dict]:
       eval_batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh)
   state = state_lib.create_state(resolved, mesh, teacher,
                                  getattr(train_data, "labels", None))
-  directory = "best" if which == "best" else "checkpoints"
-  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, directory), 1)
-  try:
-    restored = ckpt.restore_latest(checkpoint.abstract_like(
-        state.replace(teacher=None), mesh))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise CheckpointError(f"{stage_dir}/{directory} holds no checkpoint yet")
-  trainable, meta = restored
+  trainable, meta = _restore(directory, which, state.replace(teacher=None),
+                             mesh)
   result = evaluation.evaluate(train_step.make_eval_step(resolved, mesh),
                           trainable.replace(teacher=teacher), eval_data,
                           resolved.hparams(max(meta["epoch"], 1)))
   return _rows(stage, which, meta["epoch"], result)
 
 
+def _instead(which: str) -> str:
+  return ("; evaluate the newest training checkpoint with "
+          "--checkpoint=latest" if which == "best" else "")
+
+
+def _checkpoint_dir(stage_dir: str, which: str) -> str:
+  """The stage's directory of ``which`` checkpoints; a
+  :class:`CheckpointError` when there is none (``Checkpointer`` would
+  create it)."""
+  directory = os.path.join(stage_dir,
+                           "best" if which == "best" else "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory} does not exist: the stage has no "
+                          f"{which} checkpoint{_instead(which)}")
+  return directory
+
+
+def _restore(directory: str, which: str, trainable, mesh):
+  """``(state, meta)`` of the newest readable checkpoint in ``directory``
+  (of ``which`` kind), or a :class:`CheckpointError` that says what to
+  evaluate instead."""
+  from slkd_jax import checkpoint
+  ckpt = checkpoint.Checkpointer(directory, 1)
+  try:
+    restored = ckpt.restore_latest(checkpoint.abstract_like(trainable, mesh))
+  except CheckpointError:  # its advice is for training: ours instead
+    raise CheckpointError(f"none of the checkpoints in {directory} can be "
+                          f"read (see the warnings above){_instead(which)}"
+                          ) from None
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise CheckpointError(f"{directory} holds no checkpoint yet"
+                          f"{_instead(which)}")
+  return restored
+
+
+def _model_dir_mistake(path: str) -> str | None:
+  """Advice when ``--model`` names a training workdir or a stage of one
+  (``--model`` takes one network's directory)."""
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return None
+  if _stages(path):
+    return (f"--model={path} is a training workdir: evaluate it with "
+            f"--workdir={path}, or one network with "
+            f"--model={os.path.join(path, '<stage>', 'best_model')}")
+  if any(os.path.isdir(os.path.join(path, d))
+         for d in ("best_model", "final_model", "best", "checkpoints")):
+    workdir, stage = os.path.split(os.path.normpath(path))
+    return (f"--model={path} is a stage of a training workdir: evaluate it "
+            f"with --workdir={workdir} --stage={stage}, or its network with "
+            f"--model={os.path.join(path, 'best_model')}")
+  return None
+
+
 def evaluate_model(path: str, config, arch: str | None, mesh) -> list[dict]:
   """Rows of :data:`_COLUMNS` for one standalone network (placed as a
   teacher is: replicated, in the run's parameter dtype)."""
   import jax.numpy as jnp
-  from slkd_jax import (artifact, convert_torch, evaluation, parallel, teachers,
-                        train_step)
+  from slkd_jax import (artifact, convert_torch, evaluation, parallel,
+                        teachers, train_step)
   from slkd_jax import data as data_lib
   from slkd_jax import stage as stage_lib
   from slkd_jax import state as state_lib
   if artifact.is_artifact(path):
     variables, meta = artifact.load(path)
+  elif mistake := _model_dir_mistake(path):
+    raise ConfigError(mistake)
   else:
     variables, meta = convert_torch.load_converted(path, arch,
                                                    config.data.num_classes)
@@ -145,19 +207,18 @@ def _stages(workdir: str) -> list[str]:
 def evaluate_workdir(workdir: str, stages: list[str] | None, which: str,
                      mesh) -> list[dict]:
   """Rows of every stage (or of ``stages``) of ``workdir``; for a study,
-  then of each run's (labelled ``runs/<r>/<stage>``)."""
-  from slkd_jax import report
-  from slkd_jax.errors import CheckpointError, ConfigError
-  directories = report.with_study_runs([workdir])
+  then of each run's (labelled ``runs/<r>/<stage>``). A progress line on
+  stderr counts the stages (each compiles its evaluation: minutes on a CPU).
+  """
+  import jax
+  from slkd_jax import metrics
+  jobs = _stage_jobs(workdir, stages)
   rows = []
-  for directory in directories:
-    found = _stages(directory)
-    wanted = stages or found
-    if len(directories) > 1:  # a study: a stage lives in its runs or not
-      wanted = [s for s in wanted if s in found]
-    prefix = os.path.relpath(directory, workdir)
-    for stage in wanted:
-      label = os.path.normpath(os.path.join(prefix, stage))
+  bar = metrics.ProgressBar(len(jobs), "evaluate",
+                            enabled=jax.process_index() == 0)
+  with bar:
+    for done, (directory, stage, label) in enumerate(jobs):
+      bar.update(done, stage=label)
       try:
         rows += [{**row, "stage": label}
                  for row in evaluate_stage(directory, stage, which, mesh)]
@@ -165,35 +226,57 @@ def evaluate_workdir(workdir: str, stages: list[str] | None, which: str,
         if directory == workdir:
           raise
         print(f"note: {label}: {e}", file=sys.stderr)  # a diverged run
+      bar.update(done + 1, stage=label)
   if not rows:
     raise ConfigError(f"{workdir} has no stage {', '.join(stages or [])} to "
                       f"evaluate")
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from slkd_jax import errors, metrics, parallel
-  try:
-    mesh = parallel.make_mesh()
-    if _MODEL.value:
-      if _CONFIG.value is None:
-        raise errors.ConfigError("--model needs --config (the data to "
-                                 "evaluate on)")
-      rows = evaluate_model(_MODEL.value, _CONFIG.value, _ARCH.value, mesh)
-    elif _WORKDIR.value:
-      workdir = os.path.abspath(_WORKDIR.value)
-      if not os.path.isdir(workdir):
-        raise errors.ConfigError(f"--workdir={workdir} is not a directory")
-      rows = evaluate_workdir(workdir, _STAGE.value, _CHECKPOINT.value, mesh)
-    else:
-      raise errors.ConfigError("give --workdir (a training run) or --model")
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def _stage_jobs(workdir: str, stages: list[str] | None
+                ) -> list[tuple[str, str, str]]:
+  """``(directory, stage, label)`` of each stage to evaluate: the
+  workdir's, then (a study) each run's, labelled ``runs/<r>/<stage>``."""
+  from slkd_jax import report
+  directories = report.with_study_runs([workdir])
+  jobs = []
+  for directory in directories:
+    found = _stages(directory)
+    wanted = stages or found
+    if len(directories) > 1:  # a study: a stage lives in its runs or not
+      wanted = [s for s in wanted if s in found]
+    prefix = os.path.relpath(directory, workdir)
+    jobs += [(directory, stage, os.path.normpath(os.path.join(prefix, stage)))
+             for stage in wanted]
+  return jobs
+
+
+def run_evaluation(fv: flags.FlagValues, positional: list[str]) -> None:
+  """Evaluate ``--workdir`` or ``--model`` and print the table."""
+  from slkd_jax import metrics, parallel
+  cli.unexpected(positional)
+  if fv.model:
+    config = cli.config_value(fv["config"])
+    if config is None:
+      raise ConfigError("--model needs --config (the data to evaluate on)")
+    rows = evaluate_model(fv.model, config, fv.arch, parallel.make_mesh())
+  elif fv.workdir:
+    workdir = os.path.abspath(fv.workdir)
+    if not os.path.isdir(workdir):
+      raise ConfigError(f"--workdir={workdir} is not a directory")
+    rows = evaluate_workdir(workdir, fv.stage, fv.checkpoint,
+                            parallel.make_mesh())
+  else:
+    raise ConfigError("give --workdir (a training run) or --model (one "
+                      "network); see --help")
   print(metrics.summary_table(rows, _COLUMNS), flush=True)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m slkd_jax.evaluate``; ``argv``: the arguments after the
+  program name (default ``sys.argv[1:]``). Returns the exit status."""
+  return cli.run(define_flags, run_evaluation, argv, prog=PROG, doc=__doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.start(main)

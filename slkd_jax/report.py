@@ -28,7 +28,6 @@ counted once, with a warning.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -271,33 +270,50 @@ def unfinished_lines(runs: Sequence[StageRun]) -> list[str]:
   return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-  """The CLI: prints the table; returns 2 (with one line on stderr) when
-  there is nothing to report or the runs' configs differ."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("workdirs", nargs="+", help="run workdirs (one a seed)")
-  parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                      help="a further config key (dotted) that may differ "
-                      "between runs; always ignored: "
-                      + ", ".join(IGNORED_KEYS))
-  args = parser.parse_args(argv)
-  missing = [w for w in args.workdirs if not os.path.isdir(w)]
+PROG = "python -m slkd_jax.report"
+
+
+def define_flags(fv, argv: Sequence[str]) -> None:
+  """The flags of ``python -m slkd_jax.report WORKDIR...``."""
+  from absl import flags  # noqa: PLC0415
+  del argv  # no config flag
+  flags.DEFINE_multi_string(
+      "ignore", [], "A further config key (dotted) that may differ between "
+      "runs; repeatable. Always ignored: " + ", ".join(IGNORED_KEYS),
+      flag_values=fv)
+
+
+def report_workdirs(fv, workdirs: list[str]) -> int:
+  """Print the table of ``workdirs``; 2 (with one line on stderr) when
+  there is nothing to report."""
+  from slkd_jax import errors  # noqa: PLC0415
+  if not workdirs:
+    raise errors.ConfigError(f"name the run workdirs: {PROG} WORKDIR... "
+                             f"(one a seed)")
+  missing = [w for w in workdirs if not os.path.isdir(w)]
   if missing:
-    print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
-    return 2
-  workdirs, warnings = unique_workdirs(with_study_runs(args.workdirs))
+    raise errors.ConfigError(f"not a directory: {', '.join(missing)}")
+  workdirs, warnings = unique_workdirs(with_study_runs(workdirs))
   for warning in warnings:
     print(warning, file=sys.stderr)
   runs = load_runs(workdirs)
   try:
     check_configs([r for r in runs if r.finished],
-                  IGNORED_KEYS + tuple(args.ignore))
+                  IGNORED_KEYS + tuple(fv.ignore))
   except ConfigMismatchError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise errors.ConfigError(str(e)) from None
   for warning in seed_warnings(runs):
     print(warning, file=sys.stderr)
   return _print_report(runs, workdirs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m slkd_jax.report WORKDIR... [--ignore=KEY]``; ``argv``: the
+  arguments after the program name (default ``sys.argv[1:]``). Returns the
+  exit status (:mod:`slkd_jax.cli`): 2, with one line on stderr, when there
+  is nothing to report or the runs' configs differ."""
+  from slkd_jax import cli  # noqa: PLC0415
+  return cli.run(define_flags, report_workdirs, argv, prog=PROG, doc=__doc__)
 
 
 def _print_report(runs: Sequence[StageRun], workdirs: Sequence[str]) -> int:
@@ -317,4 +333,5 @@ def _print_report(runs: Sequence[StageRun], workdirs: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from slkd_jax import cli
+  cli.start(main)

@@ -2,7 +2,7 @@
 
   python -m slkd_jax.table --config=configs/tables/digits.py --workdir=DIR
   python -m slkd_jax.table --config=configs/tables/slkd_table1.py \\
-      --workdir=DIR --dry-run [--no-measure]
+      --workdir=DIR --dry_run [--nomeasure]
 
 A table config (``configs/tables/*.py``) names a preset file (``presets``:
 any config file whose ``get_config('PAIR,METHOD')`` builds a run, such as
@@ -785,51 +785,51 @@ def _totals(cells: Sequence[dict], teachers: Sequence[str],
   return line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """The ``python -m slkd_jax.table`` command (exit status as
-  :mod:`slkd_jax.main`: 0, 2 with one line, 75 when stopped)."""
+PROG = "python -m slkd_jax.table"
+
+
+def define_flags(fv, argv: Sequence[str]) -> None:
+  """The flags of ``python -m slkd_jax.table``."""
   from absl import flags  # noqa: PLC0415
   from ml_collections import config_flags  # noqa: PLC0415
-  from slkd_jax import preemption  # noqa: PLC0415
-  fv = flags.FlagValues()
-  table_config = config_flags.DEFINE_config_file(
+  config_flags.DEFINE_config_file(
       "config", None, "A table config, e.g. configs/tables/digits.py",
-      flag_values=fv)
-  out_dir = flags.DEFINE_string("workdir", None, "Where the runs and "
-                                "table.md go; rerun to resume.", flag_values=fv)
-  dry = flags.DEFINE_bool("dry_run", False, "List the cells, runs, images "
-                          "and estimated time; train nothing.", flag_values=fv)
-  measure = flags.DEFINE_bool("measure", True, "With --dry-run: time one "
-                              "step per cell (compiles each).", flag_values=fv)
-  shard = flags.DEFINE_string("shard", None, "I/N: run only job I's share "
-                              "of N jobs (counted from 0); see README, "
-                              "'Paper tables'.", flag_values=fv)
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    fv(argv)
-    spec = table_config.value
-    if spec is None or out_dir.value is None:
-      raise errors.ConfigError("--config and --workdir are required")
-    from slkd_jax import parallel  # noqa: PLC0415
-    parallel.configure_jax(plan(spec, out_dir.value)[0].config)
-    if dry.value:
-      dry_run(spec, out_dir.value, measure.value,
-              shard=parse_shard(shard.value))
-    else:
-      run_table(spec, out_dir.value, shard=parse_shard(shard.value))
-  except preemption.Preempted as e:
-    print(f"stopped: {e}", file=sys.stderr)
-    return preemption.PREEMPTED_EXIT_CODE
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (flags.Error, OSError) as e:  # a bad flag or config file
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    print(f"error: {lines[-1] if lines else type(e).__name__}",
-          file=sys.stderr)
-    return 2
-  return 0
+      flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "Where the runs and table.md go; "
+                      "rerun to resume.", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "List the cells, runs, images and "
+                    "estimated time; train nothing.", flag_values=fv)
+  flags.DEFINE_bool("measure", True, "With --dry_run: time one step per cell "
+                    "(compiles each).", flag_values=fv)
+  flags.DEFINE_string("shard", None, "I/N: run only job I's share of N jobs "
+                      "(counted from 0); see README, 'Paper tables'.",
+                      flag_values=fv)
+
+
+def run_command(fv, positional: list[str]) -> None:
+  """Train (or with ``--dry_run`` list) the table of ``--config``."""
+  from slkd_jax import cli, parallel  # noqa: PLC0415
+  cli.unexpected(positional)
+  spec = cli.config_value(fv["config"])
+  if spec is None or fv.workdir is None:
+    raise errors.ConfigError("--config and --workdir are required")
+  parallel.configure_jax(plan(spec, fv.workdir)[0].config)
+  shard = parse_shard(fv.shard)
+  if fv.dry_run:
+    dry_run(spec, fv.workdir, fv.measure, shard=shard)
+  else:
+    run_table(spec, fv.workdir, shard=shard)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m slkd_jax.table``; ``argv``: the arguments after the
+  program name (default ``sys.argv[1:]``). Returns the exit status
+  (:mod:`slkd_jax.cli`: 0, 2 with one line, 75 when stopped)."""
+  from slkd_jax import cli  # noqa: PLC0415
+  return cli.run(define_flags, run_command, argv, prog=PROG, doc=__doc__,
+                 output=lambda fv: fv.workdir)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from slkd_jax import cli
+  cli.start(main)

@@ -77,14 +77,13 @@ def _run_main_with(tmp_path, raising: str):
   """The CLI with ``train.run`` replaced by one that raises ``raising``."""
   script = (
       "import sys\n"
-      "from absl import app\n"
-      "from slkd_jax import main, train, preemption\n"
+      "from slkd_jax import cli, main, train, preemption\n"
       "def fake(config, workdir):\n"
       f"  raise {raising}\n"
       "train.run = fake\n"
       f"sys.argv = ['main', '--config=configs/quickstart.py', "
       f"'--workdir={tmp_path}']\n"
-      "app.run(main.main, flags_parser=main.parse_flags)\n")
+      "cli.start(main.main)\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn as tnn  # noqa: E402
 
 from slkd_jax import convert_torch as ct  # noqa: E402
-from slkd_jax import models  # noqa: E402
+from slkd_jax import models, torch_keys  # noqa: E402
 
 NUM_CLASSES = 10  # not the default 100 / 1000: conversion must infer it
 
@@ -744,8 +744,8 @@ def reference_keys(arch):
 def to_torch_state_dict(variables):
   """Flax variables → a PyTorch-layout state_dict (the converter inverted,
   written independently of it: ``_N`` suffixes become ``.N`` segments)."""
-  params = ct._flatten(variables["params"])
-  stats = ct._flatten(variables.get("batch_stats", {}))
+  params = torch_keys.flatten(variables["params"])
+  stats = torch_keys.flatten(variables.get("batch_stats", {}))
   sd = {}
   for path, value in params.items():
     module = ".".join(re.sub(r"_(\d+)", r".\1", seg) for seg in path[:-1])
@@ -963,8 +963,9 @@ def test_cli_converts_and_reports(tmp_path, resnet8_twin, capsys):
   variables, _ = ct.load_converted(out, arch="resnet8")
   _assert_same_variables(
       variables, ct.convert_state_dict("resnet8", resnet8_twin.state_dict()))
-  # A second run refuses to overwrite; errors go to stderr with status 1.
-  assert ct.main(["--arch", "resnet8", "--checkpoint", pth, "--out", out]) == 1
+  # A second run refuses to overwrite; errors go to stderr with status 2
+  # (every command's status for a user error: slkd_jax.cli; it was 1).
+  assert ct.main(["--arch", "resnet8", "--checkpoint", pth, "--out", out]) == 2
   assert "--force" in capsys.readouterr().err
 
 

@@ -185,7 +185,7 @@ def test_a_bad_table_config_fails_in_one_line(spec_change, message):
 
 
 def test_the_command_reports_a_bad_config_in_one_line(capsys):
-  status = table.main(["table", "--config=configs/tables/nope.py",
+  status = table.main(["--config=configs/tables/nope.py",
                        "--workdir=/tmp/x"])
   assert status == 2
   assert capsys.readouterr().err.count("\n") == 1

@@ -24,7 +24,7 @@ from slkd_jax import config as config_lib
 from slkd_jax import convert_torch as ct
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
-from slkd_jax import train_step
+from slkd_jax import torch_keys, train_step
 from slkd_jax.models import resnet_kuangliu as rk
 from slkd_jax.models.layers import count_params
 
@@ -210,7 +210,8 @@ def official_state_dict(arch):
   attribute names (``fuse.k.`` → ``fuse_k.``), with deterministic weights
   and num_batches_tracked counters, as the official model's state_dict."""
   sd = {}
-  for slot in ct._slots(_abstract(arch)):  # pylint: disable=protected-access
+  for slot in torch_keys._slots(  # pylint: disable=protected-access
+      _abstract(arch)):
     key = slot.torch_key
     for k in (1, 2, 3):
       key = key.replace(f"fuse.{k}.", f"fuse_{k}.")
@@ -294,7 +295,7 @@ def test_converter_reads_official_names_and_infers_classes():
   variables = ct.convert_state_dict("teskd_cifar_resnet18", sd)
   assert variables["params"]["fc_b2"]["kernel"].shape == (512, 10)
   assert variables["params"]["fuse_3_0"]["kernel"].shape == (1, 1, 1024, 512)
-  assert ct._num_classes_of(variables) == 10  # pylint: disable=protected-access
+  assert torch_keys.num_classes_of(variables) == 10
   sd["fuse.3.0.weight"] = sd["fuse_3.0.weight"]
   with pytest.raises(ct.ConversionError, match="fuse_3.0.weight"):
     ct.convert_state_dict("teskd_cifar_resnet18", sd)
