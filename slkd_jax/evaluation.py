@@ -71,7 +71,11 @@ def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
   return flat
 
 
-def eval_line(record: dict[str, Any]) -> str:
-  """``student 71.20%, teacher 79.42%, ...``: a record's top-1s."""
+def eval_line(record: dict[str, Any], names: dict[str, str] | None = None
+              ) -> str:
+  """``student 71.20%, teacher 79.42%, ...``: a record's top-1s
+  (``names``: how to show a network, e.g. ``{'student': 'teacher'}``)."""
+  names = names or {}
   keys = [k for k in record if k.endswith("/top1")]
-  return ", ".join(f"{k.split('/')[0]} {record[k]:.2f}%" for k in keys)
+  return ", ".join(f"{names.get(k.split('/')[0], k.split('/')[0])} "
+                   f"{record[k]:.2f}%" for k in keys)

@@ -273,12 +273,13 @@ class _CompiledOnFirstBatch:
   (every batch has them): the memory estimate comes from the compiled
   program, and a program too large for the device fails before training."""
 
-  def __init__(self, loop: _Loop):
-    self._loop, self._step = loop, None
+  def __init__(self, loop: _Loop, bar):
+    self._loop, self._bar, self._step = loop, bar, None
 
   def __call__(self, states, alive, batch, hps):
     if self._step is None:
-      self._step = _compile(self._loop, states, batch, hps)
+      with self._bar.above():
+        self._step = _compile(self._loop, states, batch, hps)
     return self._step(states, alive, self._loop.teacher, batch, hps)
 
 
@@ -310,21 +311,24 @@ def _train(loop: _Loop, states, alive, epoch: int, start_step: int):
     _prepare_run_dirs(loop, epoch * steps_per_epoch + start_step)
   logging.info("stage %s (%s): loss settings %s", plan.name, plan.method,
                dict(config.loss))
-  step_fn = _CompiledOnFirstBatch(loop)
   eval_fn = studies.make_runs_eval_step(plan.stages[0], loop.mesh, plan.impl)
-  writers = [metrics.MetricWriter(d, enabled=is_main) for d in plan.run_dirs]
+  names = stage_files.display_names(plan.name)
+  writers = [metrics.MetricWriter(d, enabled=is_main, network_names=names)
+             for d in plan.run_dirs]
   bar = metrics.ProgressBar(
       config.num_epochs * steps_per_epoch,
       desc=plan.name + (f" ×{plan.runs}" if plan.study else ""),
       enabled=is_main, initial_step=epoch * steps_per_epoch + start_step)
+  step_fn = _CompiledOnFirstBatch(loop, bar)
   try:
     while epoch < config.num_epochs:
       started = time.monotonic()
       states, alive, train_means, images = _train_epoch(
           loop, step_fn, states, alive, epoch, start_step, writers, bar)
       start_step, epoch = 0, epoch + 1
-      _end_of_epoch(loop, eval_fn, states, alive, epoch, train_means,
-                    writers, (time.monotonic() - started, images))
+      with bar.above():
+        _end_of_epoch(loop, eval_fn, states, alive, epoch, train_means,
+                      writers, (time.monotonic() - started, images))
   finally:
     bar.close()
     for writer in writers:
@@ -501,7 +505,8 @@ def _end_of_epoch(loop: _Loop, eval_fn, states, alive, epoch: int,
   if is_main:
     for r in live:
       metrics.plot_history(loop.histories[r],
-                           os.path.join(plan.run_dirs[r], "plots"))
+                           os.path.join(plan.run_dirs[r], "plots"),
+                           stage_files.display_names(plan.name))
 
 
 def _log_epoch(loop: _Loop, epoch: int, live: list[int], timing) -> None:
@@ -512,7 +517,8 @@ def _log_epoch(loop: _Loop, epoch: int, live: list[int], timing) -> None:
                        for r in live)
     scores = f"student top-1 {scores}"
   else:
-    scores = evaluation.eval_line(loop.histories[0][-1])
+    scores = evaluation.eval_line(loop.histories[0][-1],
+                                  stage_files.display_names(plan.name))
   logging.info("stage %s epoch %d/%d (%.1f s, %.0f images/s): %s", plan.name,
                epoch, plan.config.num_epochs, seconds,
                images / max(seconds, 1e-9), scores)

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from slkd_jax import artifact, metrics, teachers
-from slkd_jax.plan import RUNS_DIR, StagePlan, run_dir
+from slkd_jax.plan import RUNS_DIR, TEACHER_STAGE, StagePlan, run_dir
 
 
 @dataclasses.dataclass
@@ -60,10 +60,31 @@ def save_model(stage, config, stage_dir: str, name: str, state, epoch: int,
                 top5=record.get("student/top5"))
 
 
+def display_names(stage: str) -> dict[str, str]:
+  """How a stage's networks are shown (logs, summaries, plots,
+  TensorBoard): the teacher stage trains the teacher in the ``student``
+  slot of the metrics, so it is shown as the teacher there."""
+  return {"student": "teacher"} if stage == TEACHER_STAGE else {}
+
+
+def summary_rows(stage: str, history: list[dict[str, Any]]) -> list[dict]:
+  """A stage's :data:`~slkd_jax.metrics.NETWORK_COLUMNS` rows as shown: the
+  trained network by its role, the frozen teacher without a best epoch
+  (it is the same network every epoch)."""
+  names = display_names(stage)
+  rows = metrics.network_rows(history)
+  for row in rows:
+    if row["network"] == "teacher":
+      row.update({"network": "teacher (frozen)", "best epoch": "-"})
+    else:
+      row["network"] = names.get(row["network"], row["network"])
+  return rows
+
+
 def write_stage_summary(stage_dir: str, name: str,
                         history: list[dict[str, Any]]) -> None:
   """``stage_dir/summary.md``: best/last top-1 and top-5 per network."""
-  table = metrics.summary_table(metrics.network_rows(history),
+  table = metrics.summary_table(summary_rows(name, history),
                                 metrics.NETWORK_COLUMNS)
   with open(os.path.join(stage_dir, "summary.md"), "w") as f:
     f.write(f"# stage {name}\n\n{table}\n")

@@ -39,6 +39,15 @@ def source_of(config) -> dict:
   return {"arch": t.arch, "checkpoint": os.path.abspath(t.checkpoint)}
 
 
+def describe(config) -> str:
+  """Which teacher ``config``'s stages distil from, in words (the teacher
+  stage's *final* state, as the reference distils from its last epoch)."""
+  source = source_of(config)
+  if "checkpoint" in source:
+    return _describe(source)
+  return "the final state (not the best epoch) of " + _describe(source)
+
+
 def _describe(source: dict) -> str:
   if "checkpoint" in source:
     return f"teacher.checkpoint={source['checkpoint']!r}"

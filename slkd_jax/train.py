@@ -210,6 +210,8 @@ def _write_summaries(plan: RunPlan, results: dict[str, StageResult]) -> None:
       {name: dataclasses.replace(
           r, history=stage_files.reported(r.history, config))
        for name, r in results.items()})
+  if _distils(config):
+    table = f"Teacher: {teachers.describe(config)}.\n\n{table}"
   studies = [s for s in plan.stages if s.study]
   if studies:  # each stage's runs, mean ± std
     table = "\n\n".join([table, *map(stage_files.study_summary, studies)])

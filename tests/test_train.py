@@ -98,6 +98,19 @@ def test_run_writes_stages_checkpoints_metrics_and_plots(uninterrupted):
                      results["teacher"].state.student.params)
 
 
+def test_summaries_name_each_network_by_its_role(uninterrupted):
+  """The teacher stage's trained network is the teacher (it fills the
+  metrics' ``student`` slot); the frozen teacher has no best epoch."""
+  workdir, _ = uninterrupted
+  teacher = open(os.path.join(workdir, "teacher", "summary.md")).read()
+  assert "| teacher " in teacher and "student" not in teacher
+  slkd = open(os.path.join(workdir, "slkd", "summary.md")).read()
+  (frozen,) = [line for line in slkd.splitlines() if "teacher" in line]
+  cells = [c.strip() for c in frozen.strip("|").split("|")]
+  assert cells[0] == "teacher (frozen)" and cells[2] == "-"
+  assert any(line.startswith("| student ") for line in slkd.splitlines())
+
+
 def test_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   workdir, _ = uninterrupted
   resumed = str(tmp_path)

@@ -32,7 +32,8 @@ _TRAJECTORY_LABELS = {
 
 
 def plot_history(history: Sequence[Mapping[str, Any]],
-                 out_dir: str | os.PathLike) -> list[str]:
+                 out_dir: str | os.PathLike,
+                 names: Mapping[str, str] | None = None) -> list[str]:
   """Writes PNG plots of a per-epoch eval history; returns the written paths.
 
   * ``accuracy.png``: eval top-1 per epoch of every ``'<net>/top1'`` key.
@@ -40,7 +41,10 @@ def plot_history(history: Sequence[Mapping[str, Any]],
     per-epoch ``student/kl_teacher`` and ``student/kl_fused``.
 
   A plot whose keys appear in no entry is skipped (no file written).
+  ``names`` relabels networks (the teacher stage's ``student`` is the
+  teacher).
   """
+  names = names or {}
   top1_keys = [f"{net}/top1" for net in networks(history)]
   kl_keys = [k for k in _TRAJECTORY_LABELS
              if any(entry.get(k) is not None for entry in history)]
@@ -75,7 +79,8 @@ def plot_history(history: Sequence[Mapping[str, Any]],
     written.append(path)
 
   if top1_keys:
-    save(top1_keys, [k.rsplit("/", 1)[0] for k in top1_keys],
+    save(top1_keys, [names.get(k.rsplit("/", 1)[0], k.rsplit("/", 1)[0])
+                     for k in top1_keys],
          "top-1 accuracy (%)", "Eval top-1 per epoch", "accuracy.png")
   if kl_keys:
     save(kl_keys, [_TRAJECTORY_LABELS[k] for k in kl_keys],

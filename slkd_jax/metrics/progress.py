@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, TextIO
 
@@ -26,8 +27,9 @@ class ProgressBar:
 
   On a TTY tqdm redraws the line in place (at most every ``min_interval``
   seconds). Elsewhere (log files, CI, SLURM) tqdm draws nothing and a plain
-  line is printed each time another 10% of the steps is done, so logs stay
-  short and free of carriage returns. Rates are tqdm's moving averages
+  line is printed at the first update (the first log window: the run is
+  seen to be moving) and each time another 10% of the steps is done, so
+  logs stay short and free of carriage returns. Rates are tqdm's moving averages
   (``smoothing``), so the first interval (XLA compilation) fades out.
   """
 
@@ -78,10 +80,24 @@ class ProgressBar:
     # Again with the rate this update measured (a TTY redraw above showed
     # the previous one).
     self._set_postfix(images_per_step, values)
-    if not self._tty and (self._decile(self._bar.n) >= self._next_decile or
-                          self._bar.n >= self.total_steps):
+    if not self._tty and (self._printed_step is None
+                          or self._decile(self._bar.n) >= self._next_decile
+                          or self._bar.n >= self.total_steps):
       self._next_decile = self._decile(self._bar.n) + 1
       self._print_line()
+
+  @contextlib.contextmanager
+  def above(self):
+    """Log lines written in this block go above the bar: on a TTY the bar is
+    cleared first and redrawn after, so no line is glued onto it."""
+    drawn = self._bar is not None and self._tty
+    if drawn:
+      self._bar.clear()
+    try:
+      yield
+    finally:
+      if drawn and self._bar is not None:
+        self._bar.refresh()
 
   def _set_postfix(self, images_per_step: int, values: dict) -> None:
     """Shows images/s (tqdm's smoothed steps/s times ``images_per_step``;

@@ -77,7 +77,8 @@ class MetricWriter:
 
   def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
                flush_secs: float = 10.0, *, config: Any = None,
-               images_per_step: int | None = None):
+               images_per_step: int | None = None,
+               network_names: Mapping[str, str] | None = None):
     """Opens both writers under ``workdir`` when ``enabled``; TensorBoard
     sees new scalars within ``flush_secs`` (written by a background thread).
 
@@ -85,6 +86,8 @@ class MetricWriter:
     the ``config.json`` training wrote in ``workdir``).
     ``images_per_step``: the global batch, for the throughput curve
     (default: that config's ``batch_size``; none: no curve).
+    ``network_names``: TensorBoard tags' network names as shown (the
+    teacher stage's ``student`` is the teacher); the JSONL keeps the keys.
     """
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
@@ -92,6 +95,7 @@ class MetricWriter:
     self._tb = None
     self._clock = time.perf_counter  # replaced by tests
     self._last_train: tuple[int, float] | None = None
+    self._names = dict(network_names or {})
     if not enabled:
       return
     from tensorboardX import SummaryWriter
@@ -124,8 +128,16 @@ class MetricWriter:
     for tag, value in named.items():
       scalar = _tensorboard_value(tag, value)
       if scalar is not None:
-        self._tb.add_scalar(tag, scalar, int(step))
+        self._tb.add_scalar(self._shown(tag), scalar, int(step))
     self._write_throughput(int(step), prefix == _TRAIN_PREFIX)
+
+  def _shown(self, tag: str) -> str:
+    """``tag`` with its network (the part after the prefix) as shown."""
+    prefix, sep, rest = tag.partition("/")
+    network, sep2, quantity = rest.partition("/")
+    if not sep or not sep2 or network not in self._names:
+      return tag
+    return f"{prefix}/{self._names[network]}/{quantity}"
 
   def _write_throughput(self, step: int, is_train: bool) -> None:
     """images/s between two consecutive train records. Any other record
