@@ -228,8 +228,8 @@ def _vid_loss_fn(conn, feats_t, mask=None):
 def _check_vid(fs, ft, layers, golden):
   s, t = [nhwc(a) for a in fs], [nhwc(a) for a in ft]
   conn = feature.VIDConnector(tuple(a.shape[-1] for a in t),
-                                 tuple(a.shape[1] for a in t),
-                                 learn_log_scale=True, dtype=jnp.float64)
+                              tuple(a.shape[1] for a in t),
+                              learn_log_scale=True, dtype=jnp.float64)
   params = _vid_params(layers)
   shapes = jax.eval_shape(conn.init, jax.random.key(0), s)["params"]
   assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
@@ -352,8 +352,8 @@ def test_masked_fitnet_equals_real_batch():
 def test_masked_vid_equals_real_batch():
   s, t = _small_batch(9)
   conn = feature.VIDConnector(tuple(a.shape[-1] for a in t),
-                                 tuple(a.shape[1] for a in t),
-                                 dtype=jnp.float64)
+                              tuple(a.shape[1] for a in t),
+                              dtype=jnp.float64)
   params = conn.init(jax.random.key(2), s)["params"]
   _assert_masked_equals_real(
       lambda s, t, m: _vid_loss_fn(conn, t, m)(params, s), s, t)

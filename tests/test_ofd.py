@@ -58,7 +58,7 @@ def _connector_params(conv, bn):
 def _ofd_weighted_loss(params, s_feats, t_feats, margins, stats, mask=None):
   """FEAT_WEIGHT · ofd_loss of the connector's output (train-mode BN)."""
   connector = ofd.OFDConnector(tuple(f.shape[-1] for f in t_feats),
-                                      jnp.float64)
+                               jnp.float64)
   out, updates = connector.apply({"params": params, "batch_stats": stats},
                                  s_feats, train=True, mask=mask,
                                  mutable=["batch_stats"])

@@ -282,7 +282,7 @@ def test_derived_pair_settings_equal_mdistillers_yaml(pair):
   teacher, student, size = pair
   want = MDISTILLER_PAIRS[pair]
   spec = reviewkd.reviewkd_spec(models.create(student),
-                                  models.create(teacher), (size, size))
+                                models.create(teacher), (size, size))
   assert spec == {k: want[k] for k in spec}
   settings = pair_recipe(teacher, student)
   for key in ("feat_weight", "warmup_epochs", "stu_preact"):

@@ -1,26 +1,16 @@
 """The methods: one module per method or family, and their registry.
 
-=================  ===============  ==========================================
-module             methods          student objective
-=================  ===============  ==========================================
-:mod:`.logit`      ``ce``, ``kd``,  CE; Hinton's KD; decoupled KD (Zhao 2022)
-                   ``dkd``
-:mod:`.slkd`       ``slkd``,        SLKD: teacher + K fused self-learning
-                   ``slkd_t_only``, teachers, its ablations and SLKD*
-                   ``slkd_slt_only``,
-                   ``slkd_seq``
-:mod:`.feature`    ``fitnet``,      w_ce·CE + w_feat·term(features) (mdistiller)
-                   ``at``, ``sp``,
-                   ``rkd``, ``pkt``,
-                   ``nst``,
-                   ``kdsvd``,
-                   ``vid``
-:mod:`.ofd`        ``ofd``          the same family, margins and connectors
-:mod:`.crd`        ``crd``          CE + contrastive loss with memory banks
-:mod:`.reviewkd`   ``reviewkd``     the feature family, ABFs + HCL
-:mod:`.teskd`      ``teskd``        backbone + 3 branches, one network
-:mod:`.dml`        ``dml``          K peers, each CE + mean KD to the others
-=================  ===============  ==========================================
+* :mod:`.logit` — ``ce`` (a network alone), ``kd`` (Hinton), ``dkd``
+  (decoupled KD, Zhao 2022);
+* :mod:`.slkd` — ``slkd`` (teacher + K fused self-learning teachers), its
+  ablations ``slkd_t_only`` and ``slkd_slt_only``, and SLKD* ``slkd_seq``;
+* :mod:`.feature` — mdistiller's ``w_ce·CE + w_feat·term`` methods:
+  ``fitnet``, ``at``, ``sp``, ``rkd``, ``pkt``, ``nst``, ``kdsvd``, ``vid``;
+* :mod:`.ofd`, :mod:`.reviewkd` — the same family with margins and
+  connectors / attention-based fusion;
+* :mod:`.crd` — contrastive representation distillation (memory banks);
+* :mod:`.teskd` — a backbone taught by its own branches, one network;
+* :mod:`.dml` — K peers teaching each other, no teacher.
 
 :mod:`.base` defines the interface (:class:`Method`) and what an objective
 reads (:class:`HParams`, :class:`Logits`, :class:`Context`); adding a method
