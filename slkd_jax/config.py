@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from typing import Any
 
 import ml_collections
 
-from slkd_jax import crd, errors, methods, models
+from slkd_jax import errors, methods, models
+from slkd_jax.methods.base import NON_NEGATIVE, POSITIVE, Rule
+from slkd_jax.methods.base import check as _check
+from slkd_jax.methods.base import is_int as _is_int
+from slkd_jax.methods.base import is_number as _is_number
+from slkd_jax.step_parts import ENSEMBLES
 
 DTYPES = ("float32", "bfloat16", "float64")
-ENSEMBLES = ("unrolled", "vmap")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -258,14 +261,16 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
   """The reference's loss settings of ``method`` for one dataset and pair
   (docs/method.md §3).
 
-  ``ce``: CE weight 1. ``dkd``: mdistiller's DKD (CE 1, α 1, the pair's β,
-  the dataset's warm-up). ``kd`` and the SLKD family: the dataset's
+  The dataset's settings, then the method's own (``Method.defaults``) and
+  those of the ``pair`` (teacher arch, student arch) for it
+  (``Method.pair_defaults``). ``ce``: CE weight 1. ``dkd``: mdistiller's
+  DKD (CE 1, α 1, the pair's β, the dataset's warm-up). ``kd`` and the
+  SLKD family: the dataset's
   ``ce_weight`` / ``kd_weight`` (CIFAR 0.1 / 0.9, ImageNet 0.5 / 0.5) and
   SLKD's fused-SL-T weights 1; the SL-Ts' weights tied to the student's.
-  The feature-based methods: mdistiller's CE 1, feature weight and method
-  settings (``Method.defaults``, and for the ``pair`` (teacher arch,
-  student arch) mdistiller's per-pair yaml values, ``Method.pair_defaults``);
-  ``dml``: the DML paper's CE 1, KL 1 at T = 1 (docs/dml.md). Every recipe
+  The feature-based methods: mdistiller's CE 1, feature weight, method
+  settings and per-pair yaml values; ``dml``: the DML paper's CE 1, KL 1
+  at T = 1 (docs/dml.md). Every recipe
   defines every key of :data:`methods.LOSS_KEYS`.
   """
   row = methods.get(method)
@@ -275,10 +280,6 @@ def method_recipe(method: str, *, temperature: float, ce_weight: float,
             "slt_ce_weight": None, "slt_kd_weight": None, "dkd_alpha": 1.0,
             "dkd_beta": dkd_beta, "dkd_warmup": dkd_warmup,
             "feat_weight": 0.0}
-  if method in ("ce", "dkd"):
-    recipe["ce_weight"] = 1.0
-  # Methods ported from mdistiller and others: their reference CE and
-  # feature weights and own settings (Method.defaults).
   recipe.update(row.defaults)
   recipe.update(row.pair_defaults.get(pair, {}))
   return recipe
@@ -297,25 +298,6 @@ def recipes(**dataset_settings) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tree)
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-  raise errors.ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-  if not ok:
-    _fail(key, value, allowed)
-
-
-def _is_int(value: Any, lower: int, upper: float = math.inf) -> bool:
-  return (isinstance(value, int) and not isinstance(value, bool)
-          and lower <= value < upper)
-
-
-def _is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 def stage_methods(config) -> list[str]:
   """The methods of the run's distillation stages, in order."""
   return [config.method, *config.compare_with]
@@ -328,6 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_models(config)
   for method in stage_methods(config):
     _validate_loss(config, method)
+    methods.get(method).validate(config)  # its own sections and archs
   _validate_optim(config.optim)
   _validate_cadence(config)
   _validate_study_vary(config)
@@ -386,13 +369,6 @@ def _validate_run(config) -> None:
   _check(len(set(stage_methods(config))) == len(compare) + 1, "compare_with",
          compare, f"methods other than config.method={config.method!r}, each "
          "once (every method is one stage)")
-  for method in stage_methods(config):
-    # Per-example memory (CRD) needs each example's dataset index, which
-    # only the device-resident pipelines carry.
-    _check(methods.get(method).init_buffers is None
-           or config.data.name != "imagenet2012", "data.name",
-           config.data.name, f"cifar100, digits or synthetic for method "
-           f"{method!r} (the ImageNet pipeline carries no dataset index yet)")
   _check(config.dtype in DTYPES, "dtype", config.dtype,
          f"one of {', '.join(DTYPES)}")
   for key in ("batch_size", "eval_batch_size", "num_epochs"):
@@ -412,11 +388,6 @@ def _validate_models(config) -> None:
     _check(arch in models.available(), f"{key}.arch", arch,
            "a model name from slkd_jax.models.available(): "
            + ", ".join(models.available()))
-  for method in stage_methods(config):
-    archs = methods.get(method).student_archs
-    _check(not archs or config.student.arch in archs, "student.arch",
-           config.student.arch, f"method {method!r} trains one of "
-           + ", ".join(archs))
   _check(_is_int(config.data.num_classes, 2), "data.num_classes",
          config.data.num_classes, "an int >= 2")
   teacher = config.teacher
@@ -427,66 +398,24 @@ def _validate_models(config) -> None:
   _check(teacher.checkpoint is None or bool(teacher.checkpoint.strip()),
          "teacher.checkpoint", teacher.checkpoint,
          "None (train the teacher first) or a path")
-  if any(methods.get(m).peers for m in stage_methods(config)):
-    _validate_peers(config)
-  if not any(methods.get(m).uses_slts for m in stage_methods(config)):
-    return
-  k = config.slkd.num_slts
-  _check(_is_int(k, 1), "slkd.num_slts", k, "an int >= 1")
-  _check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
-         config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
-  weights = config.slkd.fusion_weights
-  if weights is not None:
-    _check(len(weights) == k and all(_is_number(w) and w >= 0
-                                     for w in weights)
-           and abs(sum(weights) - 1.0) < 1e-6, "slkd.fusion_weights",
-           weights, f"None (uniform 1/K) or {k} non-negative weights, one per "
-           "SL-T, summing to 1")
-
-
-def _validate_peers(config) -> None:
-  """DML's peers (``config.dml``) and how the stacked ones are applied."""
-  _check(_is_int(config.dml.num_peers, 2), "dml.num_peers",
-         config.dml.num_peers, "an int >= 2 (peer 0 is the student)")
-  order = config.dml.update_order
-  _check(order in ("sequential", "simultaneous"), "dml.update_order", order,
-         "'sequential' (the paper's Algorithm 1) or 'simultaneous'")
-  _check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
-         config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
 
 
 def _validate_loss(config, method: str) -> None:
   """The loss settings ``method``'s stage trains with (its recipe and the
   ``config.loss`` overrides); the message names the key that set them."""
-  overrides = methods.loss_overrides(config)
-  settings = vars(methods.loss_settings(config, method))
-  for key, value in settings.items():
-    name = f"loss.{key}" if key in overrides else f"recipes.{method}.{key}"
-    if (key.startswith("slt_") and value is None) or key in (
-        "pdist_squared", "detach_kd_target"):
-      continue  # None: tied to the student's weight; a typed bool
-    if key in _CHOICES:
-      _check(value in _CHOICES[key], name, value,
-             f"one of {', '.join(_CHOICES[key])}")
-      continue
-    _check(_is_number(value), name, value, "a finite number")
-    if key in _POSITIVE:
-      _check(value > 0, name, value, "a positive number")
-    elif key in _INTS:
-      _check(_is_int(value, _INTS[key]), name, value,
-             f"an int >= {_INTS[key]}")
-    elif key in _FRACTIONS:
-      _check(0 <= value < 1, name, value, "in [0, 1)")
-    else:
-      _check(value >= 0, name, value, "a non-negative number")
+  rules = methods.get(method).setting_rules
+  for key, value in vars(methods.loss_settings(config, method)).items():
+    rule = rules.get(key) or _LOSS_RULES.get(key, NON_NEGATIVE)
+    _check(rule.ok(value), methods.setting_key(config, method, key), value,
+           rule.allowed)
 
 
-# Loss settings beyond "a non-negative number" (validate).
-_POSITIVE = frozenset({"temperature", "dkd_warmup", "p", "eps",
-                       "init_pred_var", "nce_t", "warmup_epochs"})
-_INTS = {"hint_layer": 0, "k": 1, "nce_k": 1, "feat_dim": 1}
-_FRACTIONS = frozenset({"nce_momentum"})
-_CHOICES = {"mode": crd.CONTRAST_MODES}
+# The common loss settings beyond "a non-negative number"; a method's own
+# settings have their rules in the method (Method.setting_rules).
+_TIED = Rule(lambda v: v is None or NON_NEGATIVE.ok(v),
+             "None (tied to the student's weight) or a non-negative number")
+_LOSS_RULES = {"temperature": POSITIVE, "dkd_warmup": POSITIVE,
+               "slt_ce_weight": _TIED, "slt_kd_weight": _TIED}
 
 
 def _validate_optim(opt) -> None:

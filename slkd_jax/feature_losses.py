@@ -2,17 +2,19 @@
 
 FitNet, AT, SP, RKD, PKT, NST, KDSVD, VID, OFD and ReviewKD, each as
 mdistiller computes it (``mdistiller/distillers/*.py``): same tensors,
-reductions, epsilons and detaches; the trainable connectors (FitNet's ConvReg,
-VID's regressors, OFD's conv-BN connectors, ReviewKD's ABFs) are in
-:mod:`slkd_jax.connectors`. Pure functions of features (never of models).
+reductions, epsilons and detaches; the methods, their settings and their
+trainable connectors (FitNet's ConvReg, VID's regressors, OFD's conv-BN
+connectors, ReviewKD's ABFs) are in :mod:`slkd_jax.methods` (``feature``,
+``ofd``, ``reviewkd``). Pure functions of features (never of models).
 
 Layout: feature maps are NHWC (mdistiller's are NCHW), pooled features
 ``[B, D]``: the ``feats`` / ``pooled_feat`` of :class:`slkd_jax.models.Outputs`
-(see :func:`select_features` for which ones each method reads).
+(:func:`slkd_jax.methods.feature.select_features` says which ones each
+method reads).
 
 Every loss returns the *unweighted* feature loss, i.e. the value mdistiller
-multiplies by ``cfg.<METHOD>.LOSS.FEAT_WEIGHT`` (RKD's distance/angle weights
-are inside its loss, as in mdistiller). Teacher features are always detached
+multiplies by ``cfg.<METHOD>.LOSS.FEAT_WEIGHT`` (our ``feat_weight``; RKD's
+distance/angle weights are inside its loss, as in mdistiller). Teacher features are always detached
 (mdistiller computes them under ``torch.no_grad()``). Computation is at least
 float32 (float64 stays float64).
 
@@ -24,7 +26,7 @@ the padded rows *and* columns of their batch × batch matrices.
 
 None of these methods but ReviewKD has a warm-up in mdistiller: the feature
 loss is on from the first iteration. ReviewKD's ``min(epoch / WARMUP_EPOCHS,
-1)`` factor is applied by its term (:mod:`slkd_jax.feature_methods`).
+1)`` factor is applied by its term (:mod:`slkd_jax.methods.reviewkd`).
 """
 
 from __future__ import annotations
@@ -43,93 +45,6 @@ from slkd_jax.losses import masked_mean
 # Gram matrices and pooling in full float32 on accelerators (no TF32/bf16
 # passes), as PyTorch's default matmul precision.
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-#: mdistiller's CIFAR-100 defaults (``mdistiller/engine/cfg.py``; the
-#: ``configs/cifar100/<method>.yaml`` files override only SOLVER: batch 64,
-#: lr 0.05, 240 epochs, decay x0.1 at 150/180/210, weight decay 5e-4).
-#: ``feat_weight`` multiplies the value our loss functions return.
-FEATURE_DEFAULTS: dict[str, dict] = {
-    # CFG.FITNET: HINT_LAYER 2, INPUT_SIZE (32, 32), CE 1.0, FEAT 100.0.
-    "fitnet": dict(ce_weight=1.0, feat_weight=100.0, hint_layer=2,
-                   input_size=(32, 32)),
-    # CFG.AT: P 2, CE 1.0, FEAT 1000.0.
-    "at": dict(ce_weight=1.0, feat_weight=1000.0, p=2),
-    # CFG.SP: CE 1.0, FEAT 3000.0.
-    "sp": dict(ce_weight=1.0, feat_weight=3000.0),
-    # CFG.RKD: DISTANCE_WEIGHT 25, ANGLE_WEIGHT 50, PDIST.EPSILON 1e-12,
-    # PDIST.SQUARED False, CE 1.0, FEAT 1.0.
-    "rkd": dict(ce_weight=1.0, feat_weight=1.0, distance_weight=25.0,
-                angle_weight=50.0, pdist_eps=1e-12, pdist_squared=False),
-    # CFG.PKT: CE 1.0, FEAT 30000.0; eps 1e-7 is pkt_loss's default argument.
-    "pkt": dict(ce_weight=1.0, feat_weight=30000.0, eps=1e-7),
-    # CFG.NST: CE 1.0, FEAT 50.0.
-    "nst": dict(ce_weight=1.0, feat_weight=50.0),
-    # CFG.KDSVD: K 1, CE 1.0, FEAT 1.0.
-    "kdsvd": dict(ce_weight=1.0, feat_weight=1.0, k=1),
-    # CFG.VID: EPS 1e-5, INIT_PRED_VAR 5.0, INPUT_SIZE (32, 32), CE 1.0,
-    # FEAT 1.0.
-    "vid": dict(ce_weight=1.0, feat_weight=1.0, init_pred_var=5.0, eps=1e-5,
-                input_size=(32, 32)),
-    # CFG.OFD: CE 1.0, FEAT 0.001 (the OFD code's "/ 1000"),
-    # CONNECTOR.KERNEL_SIZE 1 (the only size our connector builds).
-    "ofd": dict(ce_weight=1.0, feat_weight=0.001),
-    # CFG.REVIEWKD: CE_WEIGHT 1.0, REVIEWKD_WEIGHT 1.0 (5.0 in
-    # configs/cifar100/reviewkd.yaml for resnet32x4 -> resnet8x4: see
-    # config.method_recipe(..., pair=)), WARMUP_EPOCHS 20, STU_PREACT False
-    # (0/1 here: recipe values are numbers). SHAPES, OUT_SHAPES, IN_CHANNELS
-    # and OUT_CHANNELS follow from the pair (connectors.reviewkd_spec).
-    "reviewkd": dict(ce_weight=1.0, feat_weight=1.0, warmup_epochs=20.0,
-                     stu_preact=0),
-}
-
-#: mdistiller's per-pair overrides of :data:`FEATURE_DEFAULTS` (its yaml
-#: files), keyed by (method, teacher, student) in our registry's names.
-FEATURE_PAIR_OVERRIDES: dict[tuple[str, str, str], dict] = {
-    # configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5.0.
-    ("reviewkd", "resnet32x4", "resnet8x4"): dict(feat_weight=5.0),
-    # configs/imagenet/r34_r18/reviewkd.yaml.
-    ("reviewkd", "imagenet_resnet34", "imagenet_resnet18"): dict(
-        feat_weight=1.0, warmup_epochs=1.0, stu_preact=1),
-    # configs/imagenet/r50_mv1/reviewkd.yaml.
-    ("reviewkd", "imagenet_resnet50", "imagenet_mobilenetv1"): dict(
-        feat_weight=8.0, warmup_epochs=1.0, stu_preact=1),
-    # configs/imagenet/r50_mv1/ofd.yaml: FEAT_WEIGHT 0.0001.
-    ("ofd", "imagenet_resnet50", "imagenet_mobilenetv1"): dict(
-        feat_weight=1e-4),
-}
-
-
-# ---------------------------------------------------------------------------
-# Feature selection.
-
-
-def select_features(method: str, outputs, hint_layer: int = 2):
-  """What mdistiller feeds ``method``'s loss, from a network's outputs.
-
-  Args:
-    method: a key of :data:`FEATURE_DEFAULTS`.
-    outputs: what a zoo network returns with ``features=True``
-      (:class:`slkd_jax.models.Outputs`: ``feats``, ``pooled_feat``).
-    hint_layer: FitNet's hint layer.
-
-  Returns:
-    fitnet: ``feats[hint_layer]``; at/nst/kdsvd/vid: ``feats[1:]``;
-    sp: ``[feats[-1]]``; rkd/pkt: ``pooled_feat``; ofd: ``preact_feats[1:]``
-    (ReviewKD's levels: :func:`slkd_jax.connectors.reviewkd_levels`).
-  """
-  feats, pooled = list(outputs.feats), outputs.pooled_feat
-  if method == "ofd":
-    return list(outputs.preact_feats)[1:]
-  if method == "fitnet":
-    return feats[hint_layer]
-  if method in ("at", "nst", "kdsvd", "vid"):
-    return feats[1:]
-  if method == "sp":
-    return [feats[-1]]
-  if method in ("rkd", "pkt"):
-    return pooled
-  raise ValueError(f"unknown feature method {method!r}; expected one of "
-                   f"{sorted(FEATURE_DEFAULTS)}")
 
 
 # ---------------------------------------------------------------------------

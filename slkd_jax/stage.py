@@ -22,8 +22,10 @@ from slkd_jax.methods import HParams
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-  """The flax modules of a run (the SL-Ts share the teacher's architecture;
-  ``modules``: the method's extra trainable modules by name)."""
+  """The flax modules of a run: the student, the frozen teacher (or None),
+  the architecture of the ``num_slts`` stacked networks (SL-Ts, DML's peers
+  1..K−1: the teacher's; or None) and the method's extra trainable modules
+  by name."""
   student: Any
   teacher: Any | None
   slt: Any | None
@@ -114,47 +116,51 @@ class Stage:
 
 
 def resolve(config) -> Stage:
-  """The :class:`Stage` of a (stage's) run config."""
+  """The :class:`Stage` of a (stage's) run config.
+
+  Builds the networks and checks the method's settings against their
+  feature shapes (``jax.eval_shape``: nothing runs or compiles), so a
+  setting that does not fit the networks is a one-line
+  :class:`~slkd_jax.errors.ConfigError` here, before any training.
+  """
   method = methods.get(config.method)
   settings = methods.loss_settings(config)
-  num_slts = (config.slkd.num_slts if method.uses_slts else
-              config.dml.num_peers - 1 if method.peers else 0)
-  fusion = ()
-  if method.uses_slts:
-    fusion = (tuple(float(w) for w in config.slkd.fusion_weights)
-              if config.slkd.fusion_weights is not None
-              else (1.0 / num_slts,) * num_slts)
   opt = config.optim
   return Stage(
       method=method, settings=settings,
-      nets=_build_networks(config, method, settings, num_slts),
+      nets=_build_networks(config, method, settings),
       tx=optim.sgd_direction(opt.weight_decay, opt.momentum,
                              nesterov=bool(opt.nesterov)),
       schedule=Schedule(opt.learning_rate, tuple(opt.decay_epochs),
                         opt.decay_rate),
-      fusion_weights=fusion, ensemble=config.slkd.ensemble,
+      fusion_weights=(method.fusion_weights(config)
+                      if method.fusion_weights is not None else ()),
+      ensemble=config.slkd.ensemble,
       detach_fused_target=bool(config.slkd.detach_fused_target),
       seed=config.seed, dtype=config.dtype,
       image_size=config.data.image_size,
       options=dict(config.get(method.name, {})))
 
 
-def _build_networks(config, method: methods.Method, settings,
-                    num_slts: int) -> Networks:
-  """Student, teacher, SL-T and extra modules (compute dtype set)."""
+def _build_networks(config, method: methods.Method, settings) -> Networks:
+  """Student, teacher, stacked networks (the teacher's architecture) and
+  the method's modules, compute dtype set; the method's network checks run
+  before its modules are built."""
   dtype = jnp.dtype(config.dtype)
   n = config.data.num_classes
+  stacked = method.num_stacked is not None
   teacher = (models.create(config.teacher.arch, n, dtype)
-             if method.uses_teacher or method.uses_slts or method.peers
-             else None)
+             if method.uses_teacher or stacked else None)
   student = models.create(config.student.arch, n, dtype)
+  size = config.data.image_size
+  if method.check_networks is not None:
+    method.check_networks(student, teacher, settings, size)
   modules = {}
   if method.make_modules is not None:
-    modules = method.make_modules(student, teacher, settings, dtype,
-                                  config.data.image_size)
+    modules = method.make_modules(student, teacher, settings, dtype, size)
   return Networks(
       student=student,
       teacher=teacher if method.uses_teacher else None,
-      # DML: peers 1..K-1 have the teacher's architecture (no teacher runs).
-      slt=teacher if method.uses_slts or method.peers else None,
-      num_slts=num_slts, modules=modules)
+      slt=teacher if stacked else None,
+      num_slts=method.num_stacked(config) if stacked else 0,
+      modules=modules)

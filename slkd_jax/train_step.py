@@ -1,287 +1,136 @@
-"""The SLKD training and evaluation steps: pure functions, one ``jax.jit`` each.
+"""The training and evaluation steps: pure functions, one ``jax.jit`` each.
 
-One train step runs the frozen teacher (eval mode, no gradient), the K
-stacked SL-Ts and the student (train mode) on the same batch, takes **one**
-``value_and_grad`` of the summed loss over the student's and the SL-Ts'
-parameters, and applies the reference SGD to both. The batch is sharded on
-the mesh axis ``data`` and the state is replicated, so XLA turns the batch
-reductions (losses, BatchNorm statistics) into all-reduces: the numbers do not
-depend on the number of devices or processes.
+One shared train step serves every method. It runs the frozen teacher (eval
+mode, no gradient, unless the method asks for train mode), the student and
+the stacked networks (SL-Ts; train mode) on the same batch, asks the method
+for its loss (``Method.objective``, plus ``Method.slt_objective`` for the
+SL-Ts), takes **one** ``value_and_grad`` of the sum over the student's, the
+SL-Ts' and the method's modules' parameters, and applies the reference SGD
+to each. A method whose update is not one gradient of a summed loss
+(SLKD*'s sequential update, DML's peers) supplies its own step instead
+(``Method.build_step``), built from the same pieces
+(:mod:`slkd_jax.step_parts`).
 
-The K SL-Ts are applied either with ``jax.vmap`` over their stacked state or
-by an unrolled loop over the leading axis (``config.slkd.ensemble``); both
-compute the same function. vmap turns every conv into a grouped conv with
-batched kernels, which XLA:CPU runs ~8× slower than K dense convs (measured,
-docs/notes.md), hence the unrolled default; ``benchmarks/`` measures GPUs.
+The batch is sharded on the mesh axis ``data`` and the state is replicated,
+so XLA turns the batch reductions (losses, BatchNorm statistics) into
+all-reduces: the numbers do not depend on the number of devices or
+processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import losses, methods, optim, parallel
-from slkd_jax.methods import HParams, Logits
-from slkd_jax.models import Outputs
-from slkd_jax.stage import Networks, Stage
-from slkd_jax.state import STEP_RNG_TAG, DistillState, ModelState, TrainState
+from slkd_jax import losses, parallel
+from slkd_jax import step_parts as parts
+from slkd_jax.methods import Context, HParams, Logits
+from slkd_jax.stage import Stage
+from slkd_jax.state import DistillState, ModelState
+from slkd_jax.step_parts import (Batch, Metrics, apply_ensemble, apply_train,
+                                 sgd_update)
 
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
+__all__ = ["apply_ensemble", "apply_train", "sgd_update", "build_train_step",
+           "make_train_step", "build_eval_step", "make_eval_step"]
 
-
-def apply_ensemble(model: nn.Module, stacked: ModelState, images: jax.Array,
-                   *, train: bool, mask: jax.Array | None, impl: str
-                   ) -> tuple[jax.Array, Any]:
-  """Apply K stacked networks to the same images.
-
-  Args:
-    model: the shared architecture.
-    stacked: a state whose leaves have a leading axis K.
-    images: ``[B, H, W, C]``.
-    train: batch statistics (and updated running statistics) if true.
-    mask: ``[B]`` real-example mask for BatchNorm.
-    impl: ``'vmap'`` or ``'unrolled'`` (same numbers, different kernels).
-
-  Returns:
-    ``(logits [K, B, C], new batch_stats stacked [K, ...])``; the statistics
-    are the input ones in eval mode.
-  """
-
-  def one(params, batch_stats):
-    variables = {"params": params, "batch_stats": batch_stats}
-    if not train:
-      return model.apply(variables, images, train=False), batch_stats
-    logits, updates = model.apply(variables, images, train=True, mask=mask,
-                                  mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-
-  if impl == "vmap":
-    return jax.vmap(one)(stacked.params, stacked.batch_stats)
-  if impl != "unrolled":
-    raise ValueError(f"ensemble impl must be 'vmap' or 'unrolled', got {impl!r}")
-  k = jax.tree.leaves(stacked.params)[0].shape[0]
-  outs = [one(*jax.tree.map(lambda leaf: leaf[i],
-                            (stacked.params, stacked.batch_stats)))
-          for i in range(k)]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+Step = Callable[[DistillState, ModelState | None, Batch, HParams],
+                tuple[DistillState, Metrics]]
 
 
-def apply_train(model: nn.Module, params, batch_stats, images, mask,
-                features: bool = False):
-  """A train-mode forward: ``(output, new batch_stats)`` (BatchNorm on the
-  real examples of the global batch)."""
-  out, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                             images, train=True, mask=mask, features=features,
-                             mutable=["batch_stats"])
-  return out, updates["batch_stats"]
-
-
-def _split(out):
-  """``(logits, Outputs or None)`` of a forward with or without features."""
-  if isinstance(out, Outputs):
-    return out.logits, out
-  return out, None
-
-
-def _bind_modules(nets: Networks, states: dict[str, TrainState] | None,
-                  params, new_stats: dict):
-  """The method's modules as callables on their current ``params`` (for the
-  objective); each call records the module's updated BatchNorm statistics
-  in ``new_stats`` (returned through the loss's aux, never read from
-  outside the trace)."""
-  bound = {}
-  for name, module in nets.modules.items():
-    def call(*args, _name=name, _module=module, **kwargs):
-      variables = {"params": params[_name],
-                   "batch_stats": states[_name].batch_stats}
-      out, updates = _module.apply(variables, *args, mutable=["batch_stats"],
-                                   **kwargs)
-      new_stats[_name] = updates.get("batch_stats", variables["batch_stats"])
-      return out
-    bound[name] = call
-  return bound
-
-
-def _student_objective(method: methods.Method, state: DistillState, logits,
-                       batch, hp, **kwargs):
-  """``(loss, terms, buffers)`` of ``method``'s student objective; methods
-  with buffers also see them, the batch (dataset ``index``) and a key of
-  this step (from the run's seed ``hp.seed`` and the global step: exact on
-  resume)."""
-  labels, mask = batch["label"], batch["mask"]
-  if method.init_buffers is None:
-    return (*method.student_objective(logits, labels, mask, hp, **kwargs),
-            None)
-  rng = jax.random.fold_in(jax.random.fold_in(
-      jax.random.key(hp.seed), STEP_RNG_TAG), state.step)
-  return method.student_objective(logits, labels, mask, hp,
-                                  buffers=state.buffers, batch=batch, rng=rng,
-                                  **kwargs)
-
-
-def sgd_update(state: TrainState, grads, batch_stats, tx, lr) -> TrainState:
-  """The reference SGD step of one trained network (or stacked ones)."""
-  buffer, opt_state = tx.update(grads, state.opt_state, state.params)
-  return state.replace(params=optim.apply_sgd(state.params, buffer, lr),
-                       batch_stats=batch_stats, opt_state=opt_state,
-                       step=state.step + 1)
-
-
-def _batch_metrics(logits: Logits, labels, mask, hp: HParams) -> Metrics:
-  """Batch accuracies and the paper's Figure 2 quantities (KL at T = 1),
-  keyed ``<network>/<quantity>`` as the eval metrics are."""
-  m = {"student/acc": losses.accuracy(logits.student, labels, mask)}
-  if logits.teacher is not None:
-    m["teacher/acc"] = losses.accuracy(logits.teacher, labels, mask)
-    m["student/kl_teacher"] = losses.kl_divergence(logits.student,
-                                                   logits.teacher, 1.0, mask)
-  if logits.slts is not None:
-    m["slt/acc"] = jax.vmap(losses.accuracy, (0, None, None))(
-        logits.slts, labels, mask)
-    m["slt_fused/acc"] = losses.accuracy(logits.fused, labels, mask)
-    m["student/kl_fused"] = losses.kl_divergence(logits.student, logits.fused,
-                                                 1.0, mask)
-  m["learning_rate"] = hp.learning_rate
-  return m
-
-
-def build_train_step(stage: Stage
-                     ) -> Callable[[DistillState, ModelState | None, Batch,
-                                    HParams], tuple[DistillState, Metrics]]:
+def build_train_step(stage: Stage) -> Step:
   """The pure (un-jitted) train step of a stage's method.
 
   ``step(state_without_teacher, teacher, batch, hp) -> (state, metrics)``;
   the teacher is a separate argument so the jitted step can donate the
-  trainable state but not the frozen teacher.
+  trainable state but not the frozen teacher. The method's own step where
+  it has one (``Method.build_step``), else the shared one.
   """
-  method, nets, tx = stage.method, stage.nets, stage.tx
-  detach, impl, settings = (stage.detach_fused_target, stage.ensemble,
-                            stage.settings)
-  if method.build_step is not None:
-    return method.build_step(stage)
+  if stage.method.build_step is not None:
+    return stage.method.build_step(stage)
+  return _shared_step(stage)
 
-  # OFD's reference puts the teacher in train mode with the rest (batch
-  # statistics; its updated running statistics are never read): discarded.
-  teacher_train = (method.feature is not None
-                   and method.feature.teacher_train_mode)
 
-  def teacher_outputs(teacher: ModelState | None, images, mask):
-    if nets.teacher is None:
-      return None
-    if teacher_train:
-      out, _ = apply_train(nets.teacher, teacher.params, teacher.batch_stats,
-                           images, mask, method.features)
-    else:
-      out = nets.teacher.apply(teacher.variables, images, train=False,
-                               features=method.features)
-    return jax.lax.stop_gradient(out)
+def _loss_fn(stage: Stage, state: DistillState, teacher, teacher_out, batch,
+             hp: HParams):
+  """The summed loss as a function of the trained parameters ``(student,
+  SL-Ts, modules)``; aux: the logits (features dropped), the terms, the new
+  BatchNorm statistics of each part and the method's new buffers."""
+  method, nets = stage.method, stage.nets
+  images, mask = batch["image"], batch["mask"]
+  z_t, t_features = parts.split_outputs(teacher_out)
+  slts = state.slts
 
-  def joint_step(state: DistillState, teacher, batch, hp):
-    images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t, t_features = _split(teacher_outputs(teacher, images, mask))
-    slts = state.slts
-
-    def loss_fn(params):
-      student_params, slt_params, module_params = params
-      out, student_stats = apply_train(nets.student, student_params,
-                                       state.student.batch_stats, images,
-                                       mask, method.features)
-      z_s, s_features = _split(out)
-      z_k = fused = slt_stats = None
-      if slts is not None:
-        z_k, slt_stats = apply_ensemble(
-            nets.slt, ModelState(slt_params, slts.batch_stats), images,
-            train=True, mask=mask, impl=impl)
-        fused = losses.fuse_logits(z_k, hp.fusion_weights)
-      logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
-      module_stats = {}
-      loss, terms, buffers = _student_objective(
-          method, state, logits, batch, hp,
-          detach_fused_target=detach,
-          settings=settings,
-          modules=_bind_modules(nets, state.modules, module_params,
-                                module_stats),
-          teacher=teacher, networks=nets)
-      if slts is not None:
-        slt_total, slt_terms = losses.slt_loss(
-            z_k, z_t, labels, temperature=hp.temperature,
-            ce_weight=hp.slt_ce_weight, kd_weight=hp.slt_kd_weight, mask=mask)
-        terms = {**terms, "student/loss": loss, "slt/loss": slt_total,
-                 **slt_terms}
-        loss = loss + slt_total
-      logits = logits.replace(student_features=None, teacher_features=None)
-      return loss, (logits, terms, student_stats, slt_stats, module_stats,
-                    buffers)
-
-    params = (state.student.params, None if slts is None else slts.params,
-              None if state.modules is None else
-              {k: m.params for k, m in state.modules.items()})
-    (loss, (logits, terms, student_stats, slt_stats, module_stats,
-            buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    student = sgd_update(state.student, grads[0], student_stats, tx,
-                         hp.learning_rate)
+  def loss_fn(params):
+    student_params, slt_params, module_params = params
+    out, student_stats = apply_train(nets.student, student_params,
+                                     state.student.batch_stats, images, mask,
+                                     method.features)
+    z_s, s_features = parts.split_outputs(out)
+    z_k = fused = slt_stats = None
     if slts is not None:
-      slts = sgd_update(slts, grads[1], slt_stats, tx, hp.learning_rate)
+      z_k, slt_stats = apply_ensemble(
+          nets.slt, ModelState(slt_params, slts.batch_stats), images,
+          train=True, mask=mask, impl=stage.ensemble)
+      fused = losses.fuse_logits(z_k, hp.fusion_weights)
+    logits = Logits(z_s, z_t, z_k, fused, s_features, t_features)
+    module_stats = {}
+    ctx = Context(
+        settings=stage.settings,
+        modules=parts.bind_modules(nets.modules, state.modules, module_params,
+                                   module_stats),
+        teacher=jax.lax.stop_gradient(teacher), networks=nets,
+        buffers=state.buffers, rng=parts.step_rng(hp, state.step),
+        detach_fused_target=stage.detach_fused_target)
+    loss, terms, buffers = method.objective(logits, batch, hp, ctx)
+    if method.slt_objective is not None:
+      slt_total, slt_terms, _ = method.slt_objective(z_k, z_t, batch, hp)
+      terms = {**terms, "student/loss": loss, "slt/loss": slt_total,
+               **slt_terms}
+      loss = loss + slt_total
+    logits = logits.replace(student_features=None, teacher_features=None)
+    return loss, (logits, terms, (student_stats, slt_stats, module_stats),
+                  buffers)
+
+  return loss_fn
+
+
+def _trained_params(state: DistillState):
+  """``(student, SL-Ts or None, {module: params} or None)``."""
+  return (state.student.params,
+          None if state.slts is None else state.slts.params,
+          None if state.modules is None else
+          {k: m.params for k, m in state.modules.items()})
+
+
+def _shared_step(stage: Stage) -> Step:
+  """One gradient of the method's summed loss; every trained part takes
+  the reference SGD step (see the module docstring)."""
+  method, nets, tx = stage.method, stage.nets, stage.tx
+
+  def step(state: DistillState, teacher, batch: Batch, hp: HParams):
+    teacher_out = parts.teacher_forward(method, nets.teacher, teacher,
+                                        batch["image"], batch["mask"])
+    loss_fn = _loss_fn(stage, state, teacher, teacher_out, batch, hp)
+    (loss, (logits, terms, stats, buffers)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(_trained_params(state))
+    student_stats, slt_stats, module_stats = stats
+    lr = hp.learning_rate
+    student = sgd_update(state.student, grads[0], student_stats, tx, lr)
+    slts = state.slts
+    if slts is not None:
+      slts = sgd_update(slts, grads[1], slt_stats, tx, lr)
     modules = state.modules
     if modules is not None:
-      modules = {k: sgd_update(m, grads[2][k], module_stats[k], tx,
-                               hp.learning_rate) for k, m in modules.items()}
-    metrics = {"loss": loss, **terms,
-               **_batch_metrics(logits, labels, mask, hp)}
+      modules = {k: sgd_update(m, grads[2][k], module_stats[k], tx, lr)
+                 for k, m in modules.items()}
+    metrics = {"loss": loss, **terms, **parts.batch_metrics(
+        logits, batch["label"], batch["mask"], hp)}
     return state.replace(step=state.step + 1, student=student, slts=slts,
                          modules=modules, buffers=buffers), metrics
 
-  def sequential_step(state: DistillState, teacher, batch, hp):
-    """SLKD*: update the SL-Ts on L_SLT, then the student on the fusion of
-    the *updated* SL-Ts (forward on the same batch, gradient stopped)."""
-    images, labels, mask = batch["image"], batch["label"], batch["mask"]
-    z_t = teacher_outputs(teacher, images, mask)
-    slts = state.slts
-
-    def slt_loss_fn(slt_params):
-      z_k, stats = apply_ensemble(nets.slt, ModelState(slt_params,
-                                                       slts.batch_stats),
-                                  images, train=True, mask=mask, impl=impl)
-      total, terms = losses.slt_loss(
-          z_k, z_t, labels, temperature=hp.temperature,
-          ce_weight=hp.slt_ce_weight, kd_weight=hp.slt_kd_weight, mask=mask)
-      return total, (terms, stats)
-
-    (slt_total, (slt_terms, slt_stats)), slt_grads = jax.value_and_grad(
-        slt_loss_fn, has_aux=True)(slts.params)
-    slts = sgd_update(slts, slt_grads, slt_stats, tx, hp.learning_rate)
-    # Train-mode forward (batch statistics, as the PyTorch modules would be),
-    # running statistics not updated a second time.
-    z_k, _ = apply_ensemble(nets.slt, slts, images, train=True, mask=mask,
-                            impl=impl)
-    z_k = jax.lax.stop_gradient(z_k)
-    fused = losses.fuse_logits(z_k, hp.fusion_weights)
-
-    def student_loss_fn(student_params):
-      z_s, stats = apply_train(nets.student, student_params,
-                               state.student.batch_stats, images, mask)
-      logits = Logits(z_s, z_t, z_k, fused)
-      loss, terms = method.student_objective(
-          logits, labels, mask, hp, detach_fused_target=True,
-          settings=settings, modules={}, teacher=teacher, networks=nets)
-      return loss, (logits, terms, stats)
-
-    (student_total, (logits, terms, student_stats)), grads = (
-        jax.value_and_grad(student_loss_fn, has_aux=True)(
-            state.student.params))
-    student = sgd_update(state.student, grads, student_stats, tx,
-                         hp.learning_rate)
-    metrics = {"loss": student_total + slt_total, **terms,
-               "student/loss": student_total, "slt/loss": slt_total,
-               **slt_terms, **_batch_metrics(logits, labels, mask, hp)}
-    return state.replace(step=state.step + 1, student=student,
-                         slts=slts), metrics
-
-  return sequential_step if method.sequential else joint_step
+  return step
 
 
 def make_train_step(stage: Stage, mesh
@@ -311,46 +160,54 @@ def make_train_step(stage: Stage, mesh
   return step
 
 
+def default_eval_logits(state: DistillState, stage: Stage, images, hp
+                        ) -> dict[str, jax.Array]:
+  """Eval-mode logits of the student, the teacher (if the stage has one),
+  each SL-T (``slt``, stacked ``[K, B, C]``) and their fusion with
+  ``hp.fusion_weights`` (``slt_fused``), as in training."""
+  nets = stage.nets
+  out = {"student": nets.student.apply(state.student.variables, images,
+                                       train=False)}
+  if nets.teacher is not None:
+    out["teacher"] = nets.teacher.apply(state.teacher.variables, images,
+                                        train=False)
+  if nets.slt is not None:
+    out["slt"], _ = apply_ensemble(nets.slt, state.slts, images, train=False,
+                                   mask=None, impl=stage.ensemble)
+    out["slt_fused"] = losses.fuse_logits(out["slt"], hp.fusion_weights)
+  return out
+
+
+def _sums(logits, labels, weights) -> Metrics:
+  """top-1, top-5 and CE summed over the weighted examples."""
+  return {
+      "top1": jnp.sum(weights * losses.topk_correct(logits, labels, 1)),
+      "top5": jnp.sum(weights * losses.topk_correct(logits, labels, 5)),
+      "ce": jnp.sum(weights * losses.per_example_cross_entropy(logits,
+                                                               labels)),
+  }
+
+
 def build_eval_step(stage: Stage
                     ) -> Callable[[DistillState, Batch, HParams], Metrics]:
   """Pure eval step ``(state, batch, hp)``: per-network *sums* over the
   batch's real examples.
 
-  Returns ``{'count', '<net>/top1', '<net>/top5', '<net>/ce'}`` for ``student``,
-  ``teacher``, ``slt_<k>`` (as one ``slt/...`` array ``[K]``) and
-  ``slt_fused`` (fused with ``hp.fusion_weights``, as in training), all in
-  eval mode; sums (not means) so the caller can add batches and divide once,
-  counting every example exactly once.
+  Returns ``{'count', '<net>/top1', '<net>/top5', '<net>/ce'}`` for each
+  network the method evaluates (``Method.eval_logits``, by default
+  :func:`default_eval_logits`: ``student``, ``teacher``, ``slt`` (an array
+  ``[K]`` per quantity, one per SL-T) and ``slt_fused``), all in eval mode;
+  sums (not means) so the caller can add batches and divide once, counting
+  every example exactly once.
   """
-  method, nets, impl = stage.method, stage.nets, stage.ensemble
-
-  def sums(logits, labels, weights):
-    return {
-        "top1": jnp.sum(weights * losses.topk_correct(logits, labels, 1)),
-        "top5": jnp.sum(weights * losses.topk_correct(logits, labels, 5)),
-        "ce": jnp.sum(weights * losses.per_example_cross_entropy(logits,
-                                                                 labels)),
-    }
+  predict = stage.method.eval_logits or default_eval_logits
 
   def eval_step(state: DistillState, batch: Batch, hp: HParams) -> Metrics:
-    images, labels = batch["image"], batch["label"]
+    labels = batch["label"]
     weights = batch["mask"].astype(jnp.float32)
     out = {"count": jnp.sum(weights)}
-    if method.eval_logits is not None:
-      networks = method.eval_logits(state, nets, images)
-    else:
-      networks = {"student": nets.student.apply(state.student.variables,
-                                                images, train=False)}
-      if method.uses_teacher:
-        networks["teacher"] = nets.teacher.apply(state.teacher.variables,
-                                                 images, train=False)
-      if method.uses_slts:
-        z_k, _ = apply_ensemble(nets.slt, state.slts, images, train=False,
-                                mask=None, impl=impl)
-        networks["slt_fused"] = losses.fuse_logits(z_k, hp.fusion_weights)
-        per_slt = jax.vmap(sums, (0, None, None))(z_k, labels, weights)
-        out.update({f"slt/{k}": v for k, v in per_slt.items()})
-    for name, logits in networks.items():
+    for name, logits in predict(state, stage, batch["image"], hp).items():
+      sums = _sums if logits.ndim == 2 else jax.vmap(_sums, (0, None, None))
       out.update({f"{name}/{k}": v for k, v in
                   sums(logits, labels, weights).items()})
     return out

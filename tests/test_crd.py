@@ -1,4 +1,4 @@
-"""CRD (slkd_jax.crd) against mdistiller's own code, and its sampler.
+"""CRD (slkd_jax.methods.crd) against mdistiller's own code, and its sampler.
 
 The golden values at the end of this file come from the reference, never from
 our code: tests/goldens/gen_crd_goldens.py (run by hand, not by pytest) built
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from slkd_jax import crd, models
+from slkd_jax import models
+from slkd_jax.methods import crd
 from slkd_jax.errors import ConfigError
 
 RTOL = 1e-9

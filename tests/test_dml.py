@@ -3,7 +3,7 @@ value, the two update orders against independently computed SGD steps,
 vmap == unrolled, 1 vs 8 devices, config/presets and one stage end to end.
 
 No reference implementation is run: the expected numbers are derived here
-(numpy / closed forms, float64), independently of slkd_jax.dml."""
+(numpy / closed forms, float64), independently of slkd_jax.methods.dml."""
 
 import importlib.util
 import os
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
-from slkd_jax import dml, errors, methods, parallel, train, train_step
+from slkd_jax import errors, methods, parallel, train, train_step
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
+from slkd_jax.methods import dml
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

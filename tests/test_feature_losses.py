@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slkd_jax import connectors
 from slkd_jax import feature_losses as fl
-from slkd_jax import models
+from slkd_jax import methods, models
+from slkd_jax.methods import feature
 from golden_checks import assert_close, check_tensor, nchw, nhwc
 
 B = 4
@@ -165,7 +165,7 @@ def _run_fitnet(reg, params, stats, f_s, f_t, mask=None):
 
 
 def _check_convreg(f_s, f_t, p, golden, transpose):
-  reg = connectors.ConvReg(f_s.shape, f_t.shape, dtype=jnp.float64)
+  reg = feature.ConvReg(f_s.shape, f_t.shape, dtype=jnp.float64)
   params, stats = _convreg_variables(p, transpose)
   shapes = jax.eval_shape(lambda k, x: reg.init(k, x, train=True),
                           jax.random.key(0), f_s)
@@ -227,9 +227,9 @@ def _vid_loss_fn(conn, feats_t, mask=None):
 
 def _check_vid(fs, ft, layers, golden):
   s, t = [nhwc(a) for a in fs], [nhwc(a) for a in ft]
-  conn = connectors.VIDConnector(tuple(a.shape[-1] for a in t),
-                                 tuple(a.shape[1] for a in t),
-                                 learn_log_scale=True, dtype=jnp.float64)
+  conn = feature.VIDConnector(tuple(a.shape[-1] for a in t),
+                              tuple(a.shape[1] for a in t),
+                              learn_log_scale=True, dtype=jnp.float64)
   params = _vid_params(layers)
   shapes = jax.eval_shape(conn.init, jax.random.key(0), s)["params"]
   assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
@@ -257,12 +257,12 @@ def test_vid_spatial_pooling_matches_mdistiller():
 
 
 def test_vid_log_scale_init_matches_mdistiller():
-  init = connectors.vid_log_scale_init(3, 5.0, 1e-5, jnp.float64)
+  init = feature.vid_log_scale_init(3, 5.0, 1e-5, jnp.float64)
   np.testing.assert_allclose(init, GOLDEN["vid"]["init_log_scale"],
                              rtol=1e-14)
   np.testing.assert_allclose(fl.vid_pred_var(init, 1e-5), 5.0, rtol=1e-14)
   # mdistiller's default: a constant (never registered, never trained).
-  reg = connectors.VIDRegressor(8)
+  reg = feature.VIDRegressor(8)
   x = jnp.ones((2, 4, 4, 6), jnp.float32)
   variables = reg.init(jax.random.key(0), x)
   assert "log_scale" not in variables["params"]
@@ -331,7 +331,7 @@ def test_masked_batch_equals_real_batch(name):
 
 def test_masked_fitnet_equals_real_batch():
   s, t = _small_batch(8)
-  reg = connectors.ConvReg(s[1].shape, t[1].shape, dtype=jnp.float64)
+  reg = feature.ConvReg(s[1].shape, t[1].shape, dtype=jnp.float64)
   variables = reg.init(jax.random.key(1), s[1], train=True)
   params, stats = variables["params"], variables["batch_stats"]
 
@@ -351,9 +351,9 @@ def test_masked_fitnet_equals_real_batch():
 
 def test_masked_vid_equals_real_batch():
   s, t = _small_batch(9)
-  conn = connectors.VIDConnector(tuple(a.shape[-1] for a in t),
-                                 tuple(a.shape[1] for a in t),
-                                 dtype=jnp.float64)
+  conn = feature.VIDConnector(tuple(a.shape[-1] for a in t),
+                              tuple(a.shape[1] for a in t),
+                              dtype=jnp.float64)
   params = conn.init(jax.random.key(2), s)["params"]
   _assert_masked_equals_real(
       lambda s, t, m: _vid_loss_fn(conn, t, m)(params, s), s, t)
@@ -364,13 +364,13 @@ def test_masked_vid_equals_real_batch():
 
 
 def test_feature_shapes_and_connectors_for_resnet32x4_to_resnet8x4():
-  s_shapes = connectors.feature_shapes(models.create("resnet8x4"))
-  t_shapes = connectors.feature_shapes(models.create("resnet32x4"))
+  s_shapes = models.feature_shapes(models.create("resnet8x4"))
+  t_shapes = models.feature_shapes(models.create("resnet32x4"))
   expected = [(1, 32, 32, 32), (1, 32, 32, 64), (1, 16, 16, 128),
               (1, 8, 8, 256)]
   assert s_shapes == expected and t_shapes == expected
-  assert connectors.make_connector("at", s_shapes, t_shapes) is None
-  reg = connectors.make_connector("fitnet", s_shapes, t_shapes, hint_layer=2)
+  assert feature.make_connector("at", s_shapes, t_shapes) is None
+  reg = feature.make_connector("fitnet", s_shapes, t_shapes, hint_layer=2)
   x = jnp.zeros((2, 16, 16, 128))
   v = jax.eval_shape(lambda k, x: reg.init(k, x, train=True),
                      jax.random.key(0), x)
@@ -378,7 +378,7 @@ def test_feature_shapes_and_connectors_for_resnet32x4_to_resnet8x4():
       "params": {"conv": {"kernel": (1, 1, 128, 128), "bias": (128,)},
                  "bn": {"scale": (128,), "bias": (128,)}},
       "batch_stats": {"bn": {"mean": (128,), "var": (128,)}}}
-  vid = connectors.make_connector("vid", s_shapes, t_shapes)
+  vid = feature.make_connector("vid", s_shapes, t_shapes)
   feats = [jnp.zeros((2,) + s[1:]) for s in s_shapes[1:]]
   v = jax.eval_shape(vid.init, jax.random.key(0), feats)
   assert jax.tree.map(jnp.shape, v) == {"params": {
@@ -389,7 +389,7 @@ def test_feature_shapes_and_connectors_for_resnet32x4_to_resnet8x4():
 
 
 def test_conv_reg_spec_follows_mdistiller_order():
-  spec = connectors.conv_reg_spec
+  spec = feature.conv_reg_spec
   assert spec((1, 8, 8, 3), (1, 4, 4, 5))["kind"] == "conv"
   assert spec((1, 8, 8, 3), (1, 4, 4, 5))["strides"] == 2
   assert spec((1, 2, 2, 3), (1, 1, 1, 5))["kernel_size"] == 3  # 2x first
@@ -404,20 +404,21 @@ def test_connector_init_is_pytorch_default():
   # kaiming_uniform(a=sqrt(5)): U(±1/sqrt(fan_in)); transposed convs take
   # their fan-in from the weight's dim 1 (out channels · k²).
   for (s, t, _), fan_in in zip(CONVREG_CASES.values(), (27, 80, 27)):
-    reg = connectors.ConvReg((1, s[1], s[2], s[0]), (1, t[1], t[2], t[0]))
+    reg = feature.ConvReg((1, s[1], s[2], s[0]), (1, t[1], t[2], t[0]))
     p = reg.init(jax.random.key(3), jnp.zeros((2, s[1], s[2], s[0])),
                  train=True)["params"]["conv"]
     for leaf in (p["kernel"], p["bias"]):
       bound = float(jnp.max(jnp.abs(leaf))) * np.sqrt(fan_in)
       assert 0.3 < bound <= 1.0
-  reg = connectors.VIDRegressor(64)
+  reg = feature.VIDRegressor(64)
   p = reg.init(jax.random.key(4), jnp.zeros((1, 4, 4, 256)))["params"]
   assert set(p) == {"0", "2", "4"} and "bias" not in p["0"]
   assert 0.9 < float(jnp.max(jnp.abs(p["0"]["kernel"]))) * 16.0 <= 1.0
 
 
 def test_feature_defaults_are_mdistillers():
-  d = fl.FEATURE_DEFAULTS
+  d = {m: methods.get(m).defaults for m in (
+      *feature.DEFAULTS, "ofd", "reviewkd")}
   assert {k: v["feat_weight"] for k, v in d.items()} == {
       "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0,
       "pkt": 30000.0, "nst": 50.0, "kdsvd": 1.0, "vid": 1.0, "ofd": 0.001,
@@ -437,7 +438,7 @@ def test_select_features():
   outputs = models.Outputs(jnp.zeros((2, 10)),
                            tuple(jnp.zeros((2, 8, 8, c)) for c in (1, 2, 3, 4)),
                            None, jnp.zeros((2, 4)))
-  sel = lambda m: fl.select_features(m, outputs)  # noqa: E731
+  sel = lambda m: feature.select_features(m, outputs)  # noqa: E731
   assert sel("fitnet").shape[-1] == 3
   assert [f.shape[-1] for f in sel("at")] == [2, 3, 4]
   assert [f.shape[-1] for f in sel("sp")] == [4]

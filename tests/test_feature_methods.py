@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
-from slkd_jax import feature_methods, methods, parallel, train
+from slkd_jax import methods, parallel, train
 from slkd_jax import data as data_lib
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax import train_step
 
-FEATURE_METHODS = list(feature_methods.FEATURE_METHODS)
+FEATURE_METHODS = [m for m in methods.METHODS
+                   if methods.get(m).feature_term is not None]
 
 
 def digits_config(method):
@@ -72,12 +73,12 @@ def test_method_trains_in_the_step_and_lowers_its_loss(method, digits_batch):
   state, history = steps(c, mesh_for(method), digits_batch, 5)
   settings = methods.loss_settings(c)
   assert settings.ce_weight == 1.0
-  assert settings.feat_weight == feature_methods.fl.FEATURE_DEFAULTS[
-      method]["feat_weight"]
+  assert settings.feat_weight == methods.get(
+      method).defaults["feat_weight"]
   term = f"student/{method}"
   assert all(np.isfinite(h[term]) and np.isfinite(h["loss"]) for h in history)
   assert history[-1]["loss"] < history[0]["loss"], [h["loss"] for h in history]
-  has_connector = feature_methods.FEATURE_METHODS[method].has_connector
+  has_connector = methods.get(method).make_modules is not None
   assert (state.modules is not None) == has_connector
   if has_connector:  # the connector is trained with the student
     fresh = state_lib.create_state(stage_lib.resolve(c), mesh_for(method),

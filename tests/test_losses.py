@@ -188,9 +188,8 @@ def objective(method, z_s, z_t, hp):
   slts = f64([Z_1, Z_2])
   logits = methods.Logits(z_s, z_t, slts,
                           losses.fuse_logits(slts, hp.fusion_weights))
-  loss, _ = methods.get(method).student_objective(
-      logits, labels(), None, hp, detach_fused_target=False)
-  return loss
+  return methods.get(method).objective(
+      logits, {"label": labels(), "mask": None}, hp, methods.Context()).value
 
 
 def test_dkd_objective_scales_dkd_by_the_warmup_factor():

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slkd_jax import connectors, errors, feature_losses as fl
-from slkd_jax import feature_methods, models
+from slkd_jax import errors, feature_losses as fl
+from slkd_jax import methods, models
+from slkd_jax.methods import ofd
 from slkd_jax.convert_torch import torch_module_path
 from slkd_jax.models.bn_before_relu import (bn_before_relu,
                                             bn_before_relu_paths)
@@ -56,13 +57,13 @@ def _connector_params(conv, bn):
 
 def _ofd_weighted_loss(params, s_feats, t_feats, margins, stats, mask=None):
   """FEAT_WEIGHT · ofd_loss of the connector's output (train-mode BN)."""
-  connector = connectors.OFDConnector(tuple(f.shape[-1] for f in t_feats),
-                                      jnp.float64)
+  connector = ofd.OFDConnector(tuple(f.shape[-1] for f in t_feats),
+                               jnp.float64)
   out, updates = connector.apply({"params": params, "batch_stats": stats},
                                  s_feats, train=True, mask=mask,
                                  mutable=["batch_stats"])
   loss = fl.ofd_loss(out, t_feats, margins, mask)
-  return fl.FEATURE_DEFAULTS["ofd"]["feat_weight"] * loss, updates
+  return ofd.DEFAULTS["feat_weight"] * loss, updates
 
 
 def _case(batch=B):
@@ -145,7 +146,7 @@ def test_partial_l2_regions():
 
 
 def test_connector_init_is_mdistillers():
-  connector = connectors.OFDConnector((256,))
+  connector = ofd.OFDConnector((256,))
   x = jnp.zeros((1, 8, 8, 128))
   params = connector.init(jax.random.key(0), [x], train=False)["params"]
   kernel = np.asarray(params["connectors_0_0"]["kernel"])
@@ -186,7 +187,7 @@ def test_bn_before_relu_is_mdistillers(arch):
   pairs = bn_before_relu(model, abstract)
   # Each BN's width is that of the stage it precedes the ReLU of: the
   # deepest len(pairs) of preact_feats (ImageNet ResNets skip layer1).
-  preacts = connectors.output_shapes(model, (size, size)).preact_feats
+  preacts = models.output_shapes(model, (size, size)).preact_feats
   stage_channels = [f.shape[-1] for f in preacts[len(preacts) - len(pairs):]]
   assert [s.shape[0] for s, _ in pairs] == stage_channels
   assert all(b.shape == s.shape for s, b in pairs)
@@ -210,24 +211,24 @@ def test_shufflenet_teacher_is_refused(arch):
 
 def test_make_modules_builds_the_aligned_connectors():
   student, teacher = models.create("resnet8x4"), models.create("resnet32x4")
-  mods = feature_methods.make_modules("ofd", student, teacher, None,
-                                      jnp.float32, 32)
+  mods = methods.get("ofd").make_modules(student, teacher, None,
+                                        jnp.float32, 32)
   assert mods["connector"].t_channels == (64, 128, 256)
   # vgg8 (4 stages after the stem) → resnet8 teacher (3): the deepest 3.
-  mods = feature_methods.make_modules("ofd", models.create("vgg8"),
-                                      models.create("resnet14"), None,
-                                      jnp.float32, 32)
+  mods = methods.get("ofd").make_modules(models.create("vgg8"),
+                                        models.create("resnet14"), None,
+                                        jnp.float32, 32)
   assert mods["connector"].t_channels == (16, 32, 64)
-  assert feature_methods.FEATURE_METHODS["ofd"].teacher_train_mode
+  assert methods.get("ofd").teacher_train_mode
 
 
 def test_too_few_teacher_margins_is_a_config_error():
   # mdistiller's ImageNet ResNet lists 3 BNs for 4 stages: r34 → r18 fails
   # there (IndexError), a ConfigError here.
   with pytest.raises(errors.ConfigError, match="3 BatchNorms"):
-    feature_methods.make_modules("ofd", models.create("imagenet_resnet18"),
-                                 models.create("imagenet_resnet34"), None,
-                                 jnp.float32, 64)
+    methods.get("ofd").make_modules(models.create("imagenet_resnet18"),
+                                   models.create("imagenet_resnet34"), None,
+                                   jnp.float32, 64)
 
 
 # Produced by tests/goldens/gen_ofd_reviewkd_goldens.py (mdistiller a08d46f,

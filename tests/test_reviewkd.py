@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
-from slkd_jax import connectors, feature_losses as fl, feature_methods, models
+from slkd_jax import feature_losses as fl, methods, models
+from slkd_jax.methods import reviewkd
 from slkd_jax.convert_torch import torch_module_path
 from golden_checks import assert_close, check_tensor, nchw, nhwc
 
@@ -92,7 +93,7 @@ def _abf_variables(abfs):
   return params, stats
 
 
-CONNECTOR = connectors.ReviewKDConnector(
+CONNECTOR = reviewkd.ReviewKDConnector(
     in_channels=(64, 128, 256, 256), out_channels=(64, 128, 256, 256),
     shapes=(1, 8, 16, 32), out_shapes=(1, 8, 16, 32), dtype=jnp.float64)
 
@@ -108,10 +109,10 @@ def _weighted_term(params, stats, student, teacher, epoch, mask=None):
     return out
 
   settings = types.SimpleNamespace(**pair_recipe("resnet32x4", "resnet8x4"))
-  ctx = feature_methods.TermContext(
-      hp=types.SimpleNamespace(epoch=jnp.asarray(epoch, jnp.float64)))
-  term = feature_methods.FEATURE_METHODS["reviewkd"].term(
-      student, teacher, settings, {"connector": connector}, mask, ctx)
+  hp = types.SimpleNamespace(epoch=jnp.asarray(epoch, jnp.float64))
+  ctx = methods.Context(settings=settings, modules={"connector": connector})
+  term = methods.get("reviewkd").feature_term(student, teacher, mask, hp,
+                                              ctx)
   return settings.feat_weight * term, updates
 
 
@@ -165,10 +166,10 @@ def test_padded_examples_do_not_change_the_loss_or_gradients():
 
 
 def test_warmup_is_epoch_over_warmup_epochs():
-  assert float(feature_methods.reviewkd_warmup(1, 20)) == np.float32(0.05)
-  assert float(feature_methods.reviewkd_warmup(20, 20)) == 1.0
-  assert float(feature_methods.reviewkd_warmup(35, 20)) == 1.0
-  assert float(feature_methods.reviewkd_warmup(1, 0)) == 1.0
+  assert float(reviewkd.reviewkd_warmup(1, 20)) == np.float32(0.05)
+  assert float(reviewkd.reviewkd_warmup(20, 20)) == 1.0
+  assert float(reviewkd.reviewkd_warmup(35, 20)) == 1.0
+  assert float(reviewkd.reviewkd_warmup(1, 0)) == 1.0
 
 
 def test_hcl_hand_checked():
@@ -195,7 +196,7 @@ def test_abf_hand_checked():
   # (sigmoid(0) = 1/2 for both), conv2 the identity (centre tap 1):
   # out = residual map = 0.5·(2x) + 0.5·nearest(y).
   with jax.enable_x64(True):
-    abf = connectors.ABF(1, 1, fuse=True, dtype=jnp.float64)
+    abf = reviewkd.ABF(1, 1, fuse=True, dtype=jnp.float64)
     ident = {"mean": jnp.zeros(1), "var": jnp.full(1, 1.0 - 1e-5)}
     kernel = np.zeros((3, 3, 1, 1))
     kernel[1, 1] = 1.0
@@ -220,7 +221,7 @@ def test_abf_hand_checked():
 
 
 def test_abf_init_is_mdistillers():
-  abf = connectors.ABF(16, 8, fuse=True)
+  abf = reviewkd.ABF(16, 8, fuse=True)
   x, y = jnp.zeros((1, 4, 4, 64)), jnp.zeros((1, 2, 2, 16))
   params = abf.init(jax.random.key(0), x, y, 4, 4, train=False)["params"]
   for name, fan_in in (("conv1_0", 64), ("conv2_0", 16 * 9)):
@@ -280,8 +281,8 @@ MDISTILLER_PAIRS = {
 def test_derived_pair_settings_equal_mdistillers_yaml(pair):
   teacher, student, size = pair
   want = MDISTILLER_PAIRS[pair]
-  spec = connectors.reviewkd_spec(models.create(student),
-                                  models.create(teacher), (size, size))
+  spec = reviewkd.reviewkd_spec(models.create(student),
+                                models.create(teacher), (size, size))
   assert spec == {k: want[k] for k in spec}
   settings = pair_recipe(teacher, student)
   for key in ("feat_weight", "warmup_epochs", "stu_preact"):
@@ -299,9 +300,9 @@ def test_default_pair_settings_are_cfg_py():
 def test_make_modules_for_a_pair_without_yaml():
   # vgg13 -> MobileNetV2: five teacher levels (4 stages + pooled); the
   # student's deepest five of feats + pooled (1280-wide head).
-  mods = feature_methods.make_modules("reviewkd", models.create("MobileNetV2"),
-                                      models.create("vgg13"), None,
-                                      jnp.float32, 32)
+  mods = methods.get("reviewkd").make_modules(
+      models.create("MobileNetV2"), models.create("vgg13"), None,
+      jnp.float32, 32)
   c = mods["connector"]
   assert c.in_channels == (12, 16, 48, 160, 1280)
   assert c.out_channels == (128, 256, 512, 512, 512)

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slkd_jax import (artifact, methods, metrics, models, parallel, teskd,
-                      train)
+from slkd_jax import artifact, methods, metrics, models, parallel, train
 from slkd_jax import config as config_lib
 from slkd_jax import convert_torch as ct
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
 from slkd_jax import torch_keys, train_step
+from slkd_jax.methods import teskd
 from slkd_jax.models import resnet_kuangliu as rk
 from slkd_jax.models.layers import count_params
 
@@ -410,7 +410,7 @@ def run_steps(c, mesh, n=2):
 
 def test_method_row():
   m = methods.get("teskd")
-  assert not m.uses_teacher and not m.uses_slts and m.feature is None
+  assert not m.uses_teacher and not m.uses_slts and m.feature_term is None
   assert m.features and m.eval_logits is teskd.eval_logits
   assert set(m.student_archs) == {"teskd_cifar_resnet18",
                                   "teskd_cifar_resnet34"}

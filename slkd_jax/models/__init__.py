@@ -9,7 +9,7 @@ mdistiller's feature lists) instead of the bare logits.
 from slkd_jax.models.registry import (ModelInfo, available, create, info,
                                       register)
 from slkd_jax.models.layers import count_params
-from slkd_jax.models.outputs import Outputs
+from slkd_jax.models.outputs import Outputs, feature_shapes, output_shapes
 
 # Importing a family module registers its networks.
 from slkd_jax.models import resnet_cifar  # noqa: F401
@@ -23,4 +23,4 @@ from slkd_jax.models import mobilenet_imagenet  # noqa: F401
 from slkd_jax.models import resnet_kuangliu  # noqa: F401
 
 __all__ = ["ModelInfo", "Outputs", "available", "create", "info", "register",
-           "count_params"]
+           "count_params", "feature_shapes", "output_shapes"]

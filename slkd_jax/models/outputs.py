@@ -9,8 +9,11 @@ and ``jax.tree`` utilities unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 
 @flax.struct.dataclass
@@ -34,3 +37,23 @@ class Outputs:
   feats: tuple[jax.Array, ...] | None = None
   preact_feats: tuple[jax.Array, ...] | None = None
   pooled_feat: jax.Array | None = None
+
+
+def output_shapes(model: Any, input_size: tuple[int, int] = (32, 32)
+                  ) -> Outputs:
+  """``model``'s :class:`Outputs` for one image as ``jax.ShapeDtypeStruct``
+  leaves, without running or compiling it (``jax.eval_shape``)."""
+  x = jnp.zeros((1, *input_size, 3), jnp.float32)
+
+  def run():
+    return model.init_with_output(jax.random.key(0), x, features=True)
+
+  outputs, _ = jax.eval_shape(run)
+  return outputs
+
+
+def feature_shapes(model: Any, input_size: tuple[int, int] = (32, 32)
+                   ) -> list[tuple[int, ...]]:
+  """NHWC shapes of ``model``'s ``feats`` for one image (mdistiller's
+  ``get_feat_shapes``), without running it (``jax.eval_shape``)."""
+  return [tuple(f.shape) for f in output_shapes(model, input_size).feats]

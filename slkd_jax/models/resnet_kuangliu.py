@@ -56,8 +56,8 @@ from slkd_jax.models.registry import register
 #: all three heads pool a 4×4 map for 32×32 inputs.
 BRANCH_KERNELS = (2, 4, 8)
 
-#: TESKD model → its backbone alone (what :func:`slkd_jax.teskd.export_backbone`
-#: writes).
+#: TESKD model → its backbone alone (what
+#: :func:`slkd_jax.methods.teskd.export_backbone` writes).
 BACKBONE_OF = {"teskd_cifar_resnet18": "cifar_resnet18",
                "teskd_cifar_resnet34": "cifar_resnet34"}
 

@@ -1,8 +1,8 @@
 """CRD — contrastive representation distillation (Tian et al., ICLR 2020),
-the pure, jit-able parts, exact to mdistiller (``mdistiller/distillers/CRD.py``,
-``dataset/cifar100.py``'s ``CIFAR100InstanceSample``, ``engine/cfg.py``).
+exact to mdistiller (``mdistiller/distillers/CRD.py``, ``dataset/cifar100.py``'s
+``CIFAR100InstanceSample``, ``engine/cfg.py``); see ``docs/crd.md``.
 
-Pieces (the step wires them; see ``docs/crd.md``):
+Pieces (pure and jit-able; :data:`METHOD` wires them into the shared step):
 
 * :class:`Embed` — the two trainable embeddings (``embed_s``, ``embed_t``):
   flatten, ``Linear(dim_in → feat_dim)`` with PyTorch's default init, l2
@@ -41,8 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slkd_jax import losses
+from slkd_jax import losses, models
 from slkd_jax.errors import ConfigError
+from slkd_jax.methods.base import (FRACTION, POSITIVE, Context, HParams,
+                                   Logits, Loss, Method, check, int_at_least,
+                                   one_of)
 from slkd_jax.models.layers import Linear
 
 # Scores in full float32 on accelerators (no TF32/bf16 passes), as PyTorch's
@@ -109,12 +112,7 @@ def make_embeds(feat_dim: int, dtype=jnp.float32) -> dict[str, nn.Module]:
 def pooled_feature_dim(model: nn.Module, image_size: int) -> int:
   """Width of ``model``'s ``pooled_feat`` (the input of its Embed), without
   running it (``jax.eval_shape``)."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-
-  def run():
-    return model.init_with_output(jax.random.key(0), x, features=True)
-
-  outputs, _ = jax.eval_shape(run)
+  outputs = models.output_shapes(model, (image_size, image_size))
   return int(np.prod(outputs.pooled_feat.shape[1:]))
 
 
@@ -406,7 +404,7 @@ def _as_float(x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# CRD as a row of the method table (slkd_jax.methods).
+# CRD as a method (slkd_jax.methods).
 
 
 def make_modules(student: nn.Module, teacher: nn.Module, settings: Any,
@@ -435,19 +433,38 @@ def init_buffers(key: jax.Array, settings: Any, train_labels: np.ndarray,
           "classes": build_class_table(labels)}
 
 
-def objective(logits, labels, mask, hp, *, settings, modules, buffers,
-              batch, rng, **_):
+def objective(logits: Logits, batch, hp: HParams, ctx: Context) -> Loss:
   """``w_ce·CE + w_feat·CRD`` (mdistiller's CRD has no KD term) and the
   updated memory; the negatives are drawn from this step's key."""
+  labels, mask, settings = batch["label"], batch["mask"], ctx.settings
+  buffers, modules = ctx.buffers, ctx.modules
   contrast_idx = sample_contrast_indices(
-      rng, batch["index"], labels, buffers["classes"], int(settings.nce_k),
-      settings.mode)
+      ctx.rng, batch["index"], labels, buffers["classes"],
+      int(settings.nce_k), settings.mode)
   ce = losses.cross_entropy(logits.student, labels, mask)
   crd, memory = crd_loss(
       logits.student_features.pooled_feat,
       logits.teacher_features.pooled_feat, buffers["memory"], batch["index"],
       contrast_idx, embed_s=modules["embed_s"], embed_t=modules["embed_t"],
       temperature=settings.nce_t, momentum=settings.nce_momentum, mask=mask)
-  return (hp.ce_weight * ce + hp.feat_weight * crd,
-          {"student/ce": ce, "student/crd": crd},
-          {**buffers, "memory": memory})
+  return Loss(hp.ce_weight * ce + hp.feat_weight * crd,
+              {"student/ce": ce, "student/crd": crd},
+              {**buffers, "memory": memory})
+
+
+def check_config(config: Any) -> None:
+  """Per-example memory needs each example's dataset index, which only the
+  device-resident pipelines carry."""
+  check(config.data.name != "imagenet2012", "data.name", config.data.name,
+        "cifar100, digits or synthetic for method 'crd' (the ImageNet "
+        "pipeline carries no dataset index yet)")
+
+
+METHOD = Method(
+    "crd", "contrastive representation distillation (Tian 2020)", objective,
+    uses_teacher=True, features=True, defaults=CRD_DEFAULTS,
+    setting_rules={"nce_k": int_at_least(1), "feat_dim": int_at_least(1),
+                   "nce_t": POSITIVE, "nce_momentum": FRACTION,
+                   "mode": one_of(CONTRAST_MODES)},
+    check_config=check_config, make_modules=make_modules,
+    module_inputs=module_inputs, init_buffers=init_buffers)

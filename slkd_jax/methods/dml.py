@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from slkd_jax import losses
-from slkd_jax.methods import HParams
-from slkd_jax.stage import Networks, Stage
+from slkd_jax.methods.base import HParams, Method, check, is_int
+from slkd_jax.methods.logit import ce_objective
 from slkd_jax.state import DistillState, ModelState, TrainState
-from slkd_jax.train_step import apply_train, sgd_update, apply_ensemble
+from slkd_jax.step_parts import (ENSEMBLES, apply_ensemble, apply_train,
+                                 sgd_update)
 
 
 def peer_loss(logits: jax.Array, targets: jax.Array, labels: jax.Array,
@@ -87,7 +88,7 @@ def _stack(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def build_step(stage: Stage) -> Callable:
+def build_step(stage) -> Callable:
   """The DML train step ``step(state, teacher, batch, hp) -> (state,
   metrics)`` of ``config.dml.update_order`` (``Method.build_step``;
   ``teacher`` is None and unused; the loss settings arrive through
@@ -97,7 +98,7 @@ def build_step(stage: Stage) -> Callable:
   return _simultaneous_step(stage.nets, stage.tx, stage.ensemble)
 
 
-def _simultaneous_step(nets: Networks, tx, impl: str) -> Callable:
+def _simultaneous_step(nets, tx, impl: str) -> Callable:
   """All peers learn from the others' predictions before the step: one
   gradient of Σ_k L_k (each L_k reaches θ_k only through z_k, the targets
   being stopped, so this is every peer's own gradient)."""
@@ -133,7 +134,7 @@ def _simultaneous_step(nets: Networks, tx, impl: str) -> Callable:
   return step
 
 
-def _sequential_step(nets: Networks, tx) -> Callable:
+def _sequential_step(nets, tx) -> Callable:
   """Algorithm 1: peer k updates after peers 0..k−1 and learns from their
   updated predictions (recomputed on the same batch) and from the old
   predictions of peers k+1..K−1.
@@ -185,13 +186,46 @@ def _sequential_step(nets: Networks, tx) -> Callable:
   return step
 
 
-def eval_logits(state: DistillState, nets: Networks, images: jax.Array
+def eval_logits(state: DistillState, stage, images: jax.Array, hp
                 ) -> dict[str, jax.Array]:
   """Eval-mode logits of every peer: ``student`` (peer 0), ``peer_1``, ...
   (``Method.eval_logits``; the stacked peers applied one by one)."""
+  del hp
+  nets = stage.nets
   out = {"student": nets.student.apply(state.student.variables, images,
                                        train=False)}
   zs, _ = apply_ensemble(nets.slt, state.slts, images, train=False,
                          mask=None, impl="unrolled")
   out.update({f"peer_{i + 1}": z for i, z in enumerate(zs)})
   return out
+
+
+# ---------------------------------------------------------------------------
+# Configuration (config.dml).
+
+
+def num_peers_stacked(config: Any) -> int:
+  """Peers 1..K−1, stacked (peer 0 is the student)."""
+  return config.dml.num_peers - 1
+
+
+def check_config(config: Any) -> None:
+  """``config.dml`` and how the stacked peers are applied."""
+  check(is_int(config.dml.num_peers, 2), "dml.num_peers",
+        config.dml.num_peers, "an int >= 2 (peer 0 is the student)")
+  order = config.dml.update_order
+  check(order in ("sequential", "simultaneous"), "dml.update_order", order,
+        "'sequential' (the paper's Algorithm 1) or 'simultaneous'")
+  check(config.slkd.ensemble in ENSEMBLES, "slkd.ensemble",
+        config.slkd.ensemble, f"one of {', '.join(ENSEMBLES)}")
+
+
+METHOD = Method(
+    "dml", "deep mutual learning (Zhang 2018): K peers teach each other",
+    # Not used by its own step (every peer's peer_loss): CE, for tools that
+    # ask any method for its objective.
+    ce_objective, peers=True,
+    # The DML paper: CE + mean KL at T = 1, every dataset.
+    defaults={"temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0},
+    check_config=check_config, num_stacked=num_peers_stacked,
+    build_step=build_step, eval_logits=eval_logits)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from slkd_jax import errors, losses, models
+from slkd_jax.methods.base import (BOOL, Context, HParams, Logits, Loss,
+                                   Method)
 from slkd_jax.models import resnet_kuangliu
 
 #: TESKD's loss settings (official main.py defaults, whatever the dataset):
@@ -122,33 +124,35 @@ def teskd_loss(backbone_logits: jax.Array, branch_logits: jax.Array,
   return loss, terms
 
 
-def objective(logits, labels, mask, hp, *, settings, **_):
-  """The ``teskd`` row's student objective: reads the model's
+def objective(logits: Logits, batch, hp: HParams, ctx: Context) -> Loss:
+  """The ``teskd`` student objective: reads the model's
   :class:`~slkd_jax.models.resnet_kuangliu.TeskdOutputs` from
   ``logits.student_features``; T, w_ce, w_kd, w_fea from ``hp`` (arrays),
   w_bb, w_j and the detach switch from the recipe (static)."""
-  out = logits.student_features
+  out, settings = logits.student_features, ctx.settings
   if not isinstance(out, resnet_kuangliu.TeskdOutputs):
     raise errors.ConfigError(
         f"method 'teskd' needs a TESKD model as config.student.arch (one of "
         f"{', '.join(resnet_kuangliu.BACKBONE_OF)}); its network returned "
         f"{type(out).__name__}")
-  return teskd_loss(
+  return Loss(*teskd_loss(
       out.logits, out.branch_logits, out.pooled_feat, out.branch_pooled,
-      labels, mask, temperature=hp.temperature, ce_weight=hp.ce_weight,
-      kd_weight=hp.kd_weight, feat_weight=hp.feat_weight,
+      batch["label"], batch["mask"], temperature=hp.temperature,
+      ce_weight=hp.ce_weight, kd_weight=hp.kd_weight,
+      feat_weight=hp.feat_weight,
       backbone_ce_weight=settings.backbone_ce_weight,
       branch_ce_weights=(settings.branch1_ce_weight,
                          settings.branch2_ce_weight,
                          settings.branch3_ce_weight),
-      detach_kd_target=bool(settings.detach_kd_target))
+      detach_kd_target=bool(settings.detach_kd_target)))
 
 
-def eval_logits(state, nets, images) -> dict[str, jax.Array]:
+def eval_logits(state, stage, images, hp) -> dict[str, jax.Array]:
   """Eval-mode logits: ``student`` (the backbone, which the best checkpoint
   follows) and ``branch_1..3`` (official b1..b3, deepest first)."""
-  out = nets.student.apply(state.student.variables, images, train=False,
-                           features=True)
+  del hp
+  out = stage.nets.student.apply(state.student.variables, images,
+                                 train=False, features=True)
   named = {"student": out.logits}
   for j in range(NUM_BRANCHES):
     named[f"branch_{j + 1}"] = out.branch_logits[j]
@@ -187,3 +191,11 @@ def deployed_model(variables: dict[str, Any], arch: str
   ``final_model/`` are ``cifar_resnet18`` / ``cifar_resnet34`` artifacts that
   any method can use as its teacher."""
   return export_backbone(variables, arch), backbone_arch(arch)
+
+
+METHOD = Method(
+    "teskd", "TESKD: a backbone taught by its own hierarchical branches "
+    "(Li 2021)", objective, features=True, defaults=TESKD_DEFAULTS,
+    setting_rules={"detach_kd_target": BOOL},
+    student_archs=tuple(resnet_kuangliu.BACKBONE_OF),
+    eval_logits=eval_logits, deployed_model=deployed_model)
