@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slkd_jax import parallel
-from slkd_jax.data import DatasetError
+from slkd_jax.data.common import DatasetError
 
 # fold_in tags that keep the data streams apart from each other and from any
 # other use of the same seed (model init, dropout, ...).

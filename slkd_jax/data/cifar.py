@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import (DatasetError, arrays, import_tfds,
-                           resolve_data_dir, setting, tfds_data_dirs,
-                           tfds_said)
+from slkd_jax.data import arrays
+from slkd_jax.data.common import (DatasetError, import_tfds, resolve_data_dir,
+                                  setting, tfds_data_dirs, tfds_said)
 
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)

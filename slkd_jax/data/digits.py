@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import DatasetError, arrays, setting
+from slkd_jax.data import arrays
+from slkd_jax.data.common import DatasetError, setting
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32

@@ -32,9 +32,9 @@ import jax
 import numpy as np
 
 from slkd_jax import parallel
-from slkd_jax.data import (DatasetError, arrays, import_tfds,
-                           resolve_data_dir, setting, tfds_data_dirs,
-                           tfds_said)
+from slkd_jax.data import arrays
+from slkd_jax.data.common import (DatasetError, import_tfds, resolve_data_dir,
+                                  setting, tfds_data_dirs, tfds_said)
 
 NAME = "imagenet2012"
 NUM_CLASSES = 1000

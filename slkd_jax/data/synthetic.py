@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from slkd_jax.data import DatasetError, _get, arrays, setting
+from slkd_jax.data import arrays
+from slkd_jax.data.common import DatasetError, _get, setting
 
 DEFAULTS = dict(image_size=32, num_classes=10, num_train=1024, num_test=256)
 # Statistics of uniform bytes in [0, 255] scaled to [0, 1].
