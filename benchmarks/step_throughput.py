@@ -148,7 +148,7 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
   # The loop's program: a single run is a study of one (R = 1).
   state = studies.create_runs_state(stage, mesh, [config.seed])
   hp = studies.stack([stage.hparams(1)])
-  runs_step = studies.make_runs_step(stage, mesh, "unrolled")
+  runs_step = studies.make_runs_step(stage, mesh, "unrolled", freeze=False)
   alive = jax.device_put(np.ones(1, bool), parallel.replicated(mesh))
 
   def step(state, batch, hp):

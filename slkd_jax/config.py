@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.preemption_check_seconds = 10.0
   # GPU: XLA's deterministic ops (bit-identical reruns; slower scatter and
   # reductions). CPU runs are deterministic without it (the CLI sets
-  # parallel.CPU_DETERMINISM_FLAG for any CPU count).
+  # parallel.CPU_DETERMINISM_FLAGS for any CPU count).
   c.deterministic = False
   return c
 

@@ -40,7 +40,7 @@ from slkd_jax import data as data_lib
 from slkd_jax import state as state_lib
 from slkd_jax.errors import ConfigError, NonFiniteLossError
 from slkd_jax.models.layers import count_params
-from slkd_jax.plan import StagePlan
+from slkd_jax.plan import RUNS_DIR, StagePlan
 from slkd_jax.preemption import Preempted
 from slkd_jax.stage_files import StageResult
 
@@ -178,7 +178,7 @@ def fit(plan: StagePlan, mesh, run_data, eval_data, teacher,
     for ckpt in (loop.ckpt, *loop.best_ckpts):
       ckpt.close()
   _finish(loop, states, trains)
-  return {(os.path.join("runs", str(r), plan.name) if plan.study
+  return {(os.path.join(RUNS_DIR, str(r), plan.name) if plan.study
            else plan.name): StageResult(
                plan.name, plan.method, studies.run_slice(states, r),
                loop.histories[r], teacher)
@@ -290,7 +290,7 @@ def _compile(loop: _Loop, states, batch, hps):
   start = time.monotonic()
   step, estimate = studies.compile_runs_step(
       plan.stages[0], loop.mesh, plan.impl, states, loop.teacher, batch, hps,
-      shared_batch=loop.data.shared)
+      shared_batch=loop.data.shared, freeze=plan.study)
   how = (f"{plan.runs} runs in one program ({plan.impl} over runs, "
          f"{'shared' if loop.data.shared else 'per-run'} data order), "
          if plan.study else "")

@@ -119,8 +119,13 @@ def sync_processes(name: str) -> None:
 # loss means) one way on one thread and another on several, so a process
 # that sees one CPU computed other numbers than one that sees two. XLA's own
 # reduction loops give the same bits on any CPU count (CPU steps ~5-10%
-# slower, measured on the quickstart; GPUs are unaffected).
-CPU_DETERMINISM_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+# slower, measured on the quickstart; GPUs are unaffected). On AMD EPYC
+# machines Eigen's multi-threaded convolutions also split their sums by the
+# thread count (1 vs 2 CPUs differed at the fourth step of the
+# reproducibility test): they run on one thread each, the devices' programs
+# still in parallel.
+CPU_DETERMINISM_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",
+                         "--xla_cpu_multi_thread_eigen=false")
 
 
 def _add_xla_flag(flag: str) -> None:
@@ -175,7 +180,8 @@ def configure_jax(config) -> None:
   """Process-wide settings a run config asks for; call before anything is
   traced (float64) or any backend starts (XLA flags and the CPU thread
   pool's size are read once)."""
-  _add_xla_flag(CPU_DETERMINISM_FLAG)
+  for flag in CPU_DETERMINISM_FLAGS:
+    _add_xla_flag(flag)
   _size_pool_for_lapack(config)
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)

@@ -85,23 +85,28 @@ def _over_runs(fn, impl: str, axes: tuple):
   return unrolled
 
 
-def build_runs_step(stage: Stage, impl: str, shared_batch: bool = True
-                    ) -> RunsStep:
+def build_runs_step(stage: Stage, impl: str, shared_batch: bool = True,
+                    freeze: bool = True) -> RunsStep:
   """The pure step of R runs: ``step(states, alive, teacher, batch, hps) ->
   (states, alive, metrics)`` with every output on the run axis (the batch
   too unless ``shared_batch``).
 
-  ``alive`` ``[R]`` bool: runs that have not diverged. A run that is not
-  alive, or whose new loss or parameters are not finite, keeps its state;
-  ``metrics['alive']`` is its flag after this step (1 or 0).
+  ``alive`` ``[R]`` bool: runs that have not diverged. With ``freeze`` (a
+  study), a run that is not alive, or whose new loss or parameters are not
+  finite, keeps its state. Without it (a single run, which stops at its
+  first non-finite loss), a run is alive while its loss is finite and the
+  step is exactly the single run's (no select, no extra reductions: the
+  same numbers on any number of CPU threads). ``metrics['alive']`` is the
+  flag after this step (1 or 0).
   """
   single = train_step.build_train_step(stage)
 
   def guarded(state, alive, teacher, batch, hp):
     new, metrics = single(state, teacher, batch, hp)
-    keep = alive & jnp.isfinite(metrics["loss"]) & _all_finite(
-        (new.student, new.slts, new.modules))
-    new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+    keep = alive & jnp.isfinite(metrics["loss"])
+    if freeze:
+      keep = keep & _all_finite((new.student, new.slts, new.modules))
+      new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
     # int: the driver adds metrics over steps (bools would saturate).
     return new, keep, {**metrics, "alive": keep.astype(jnp.int32)}
 
@@ -128,28 +133,29 @@ def batch_sharding(mesh, shared_batch: bool):
   return NamedSharding(mesh, P(None, parallel.DATA_AXIS))
 
 
-def _jit_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True):
+def _jit_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True,
+                   freeze: bool = True):
   replicated = parallel.replicated(mesh)
   return jax.jit(
-      build_runs_step(stage, impl, shared_batch),
+      build_runs_step(stage, impl, shared_batch, freeze),
       in_shardings=(replicated, replicated, replicated,
                     batch_sharding(mesh, shared_batch), replicated),
       out_shardings=(replicated, replicated, replicated),
       donate_argnums=(0,))
 
 
-def make_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True
-                   ) -> RunsStep:
+def make_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True,
+                   freeze: bool = True) -> RunsStep:
   """The jitted, sharded study step ``step(states, alive, teacher, batch,
   hps)``: batch sharded on ``data``, the rest replicated, the trainable
   states donated; the frozen teacher (never donated, never checkpointed)
   is an argument of its own."""
-  return _jit_runs_step(stage, mesh, impl, shared_batch)
+  return _jit_runs_step(stage, mesh, impl, shared_batch, freeze)
 
 
 def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
                       teacher: ModelState | None, batch, hps: HParams,
-                      shared_batch: bool = True):
+                      shared_batch: bool = True, freeze: bool = True):
   """:func:`make_runs_step` compiled ahead of the first step for these
   argument shapes: ``(step, estimate)``, the estimate the device memory of
   the program from its memory analysis (XLA's own accounting, per device):
@@ -163,7 +169,7 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
   """
   runs = int(jax.tree.leaves(states.student.params)[0].shape[0])
   alive = jnp.ones(runs, bool)
-  compiled = _jit_runs_step(stage, mesh, impl, shared_batch).lower(
+  compiled = _jit_runs_step(stage, mesh, impl, shared_batch, freeze).lower(
       states, alive, teacher, batch, hps).compile()
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes

@@ -708,7 +708,7 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
   state = studies.create_runs_state(stage, mesh, range(runs), labels)
   step = studies.make_runs_step(
       stage, mesh, (c.study.impl or c.slkd.ensemble) if runs > 1
-      else "unrolled")
+      else "unrolled", freeze=runs > 1)
   teacher = teacher if stage.method.uses_teacher else None
   hps, alive = studies.stack([stage.hparams(1)] * runs), np.ones(runs, bool)
   advance = lambda s: step(s, alive, teacher, batch, hps)[::2]  # noqa: E731

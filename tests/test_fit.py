@@ -64,3 +64,15 @@ def test_a_stop_at_a_stage_boundary_stops_before_the_next_stage_compiles(
     train.run(config, str(tmp_path))
   assert stages == ["teacher"] and len(compiles) == 1
   assert not os.path.exists(tmp_path / "kd" / "checkpoints")
+
+
+def test_a_bad_setting_of_a_later_stage_fails_before_anything_trains(
+    tmp_path):
+  """Every stage is resolved (its settings checked against its networks)
+  before the teacher stage starts."""
+  config = tiny_config(method="kd")
+  config.compare_with = ("fitnet",)
+  config.recipes.fitnet.hint_layer = 9
+  with pytest.raises(train.ConfigError, match="hint_layer=9"):
+    train.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "teacher")

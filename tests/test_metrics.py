@@ -229,10 +229,12 @@ def test_progress_bar_non_tty():
     bar.update(step, images_per_step=64, loss=1.0 / step, ce=np.float32(0.5))
   bar.close()
   lines = stream.getvalue().splitlines()
-  # One plain line per 10%, no carriage returns in a log file.
-  assert len(lines) == 10
+  # A plain line at the first update (the run is seen to move from its
+  # first log window on), then one per 10%; no carriage returns in a log.
+  assert len(lines) == 11
   assert "\r" not in stream.getvalue()
-  assert lines[0].startswith("epoch 1: 10/100  10% [")
+  assert lines[0].startswith("epoch 1: 1/100   1% [")
+  assert lines[1].startswith("epoch 1: 10/100  10% [")
   last = lines[-1]
   assert last.startswith("epoch 1: 100/100 100% [")
   assert "<00:00" in last and "step/s" in last  # elapsed<ETA, rate
@@ -247,7 +249,7 @@ def test_progress_bar_resumed_counts_from_initial_step():
   bar.close()
   lines = stream.getvalue().splitlines()
   assert [line.split()[1] for line in lines] == [
-      "60/100", "70/100", "80/100", "90/100", "100/100"]
+      "55/100", "60/100", "70/100", "80/100", "90/100", "100/100"]
 
 
 def test_progress_bar_tty_and_disabled():
