@@ -65,6 +65,7 @@ def build_config(pair: common.Pair, args, ensemble: str, num_devices: int):
   """The run config of one measurement: the library's defaults with the
   pair's architectures, data shape and recipe."""
   from slkd_jax import config as config_lib
+  from slkd_jax import config_checks
   c = config_lib.base_config()
   c.method = args.method
   c.dtype = args.dtype
@@ -82,7 +83,7 @@ def build_config(pair: common.Pair, args, ensemble: str, num_devices: int):
   c.loss.kd_weight = pair.kd_weight
   c.optim.learning_rate = pair.learning_rate
   c.optim.weight_decay = pair.weight_decay
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import errors, metrics, methods
 
 #: Training-set sizes (images one epoch trains on), for the estimates.
@@ -163,7 +164,7 @@ def plan(spec, workdir: str) -> list[Run]:
         apply_overrides(c, dict(spec.get("overrides", {}) or {}), "overrides")
         apply_overrides(c, row_overrides, f"variants.{label}.overrides")
         c.seed = int(seed)
-        config_lib.validate(c)
+        config_checks.validate(c)
         if runs_as_studies(spec):
           run_dir = os.path.join(cell_dir, "runs", str(i))
         else:
@@ -192,7 +193,7 @@ def study_config(runs: Sequence[Run]) -> ml_collections.ConfigDict:
   every run's seed in ``study.seeds``."""
   c = runs[0].config.copy_and_resolve_references()
   c.study.seeds = tuple(run.seed for run in runs)
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

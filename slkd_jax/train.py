@@ -36,6 +36,7 @@ from absl import logging
 
 from slkd_jax import fit, methods, parallel, preemption, stage_files, teachers
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import data as data_lib
 from slkd_jax import state as state_lib
 from slkd_jax.errors import ConfigError, NonFiniteLossError
@@ -158,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str
   ``runs/<r>/<stage>``). On SIGTERM/SIGINT it saves, logs how to resume,
   and raises :class:`Preempted`.
   """
-  config_lib.validate(config)
+  config_checks.validate(config)
   workdir = check_workdir(workdir)
   with workdir_lock(workdir):  # one run per workdir at a time
     return _run(config, workdir)

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import errors
 from slkd_jax import data, methods
 
@@ -48,7 +49,7 @@ def _all_args():
                          ids=lambda v: getattr(v, "__name__", v))
 def test_every_preset_loads_and_validates(module, arg):
   c = module.get_config(arg)
-  config_lib.validate(c)
+  config_checks.validate(c)
   preset, _, method = arg.partition(",")
   assert c.method == (method or "slkd")
   p = module.PRESETS[preset]
@@ -228,12 +229,12 @@ def _set(c, dotted, value):
 ])
 def test_validate_names_the_bad_key(key, value):
   c = cifar.get_config()
-  config_lib.validate(c)
+  config_checks.validate(c)
   _set(c, key, value)
   if key.startswith("recipes."):
     c.compare_with = (key.split(".")[1],)
   with pytest.raises(errors.ConfigError) as e:
-    config_lib.validate(c)
+    config_checks.validate(c)
   assert key.split(".", 2)[-1] in str(e.value)
 
 
@@ -257,7 +258,7 @@ def test_config_flags_like_the_cli():
   assert (c.teacher.arch, c.student.arch) == ("vgg13", "MobileNetV2")
   assert c.method == "kd" and c.loss.dkd_beta == 3.0
   assert c.teacher.checkpoint == teacher
-  config_lib.validate(c)
+  config_checks.validate(c)
 
   c = parse(["prog", f"--config={CONFIGS / 'imagenet.py'}",
              "--config.slkd.num_slts=3"])
@@ -315,7 +316,7 @@ def test_every_stage_runs_its_own_methods_recipe(pair):
     c = cifar.get_config(f"{pair},{loaded_as}")
     c.compare_with = tuple(m for m in methods.METHODS if m != loaded_as
                            and not methods.get(m).student_archs)
-    config_lib.validate(c)
+    config_checks.validate(c)
     for stage in (loaded_as, *c.compare_with):
       got = effective(c, stage)
       for key, want in reference_recipe(pair, stage).items():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import data as data_lib
 from slkd_jax import errors, parallel, train
 from slkd_jax import stage as stage_lib
@@ -136,4 +137,4 @@ def test_sigterm_mid_epoch_resumes_bit_identically_with_the_memory(
 def test_crd_on_imagenet_is_refused_in_one_line():
   c = tiny_crd_config(**{"data.name": "imagenet2012"})
   with pytest.raises(errors.ConfigError, match="dataset index"):
-    config_lib.validate(c)
+    config_checks.validate(c)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import errors, methods, parallel, train, train_step
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
@@ -35,7 +36,7 @@ def tiny_config(order="sequential", num_peers=2, ensemble="unrolled",
   c.dml.update_order = order
   c.slkd.ensemble = ensemble
   c.optim.learning_rate = 0.1
-  config_lib.validate(c)
+  config_checks.validate(c)
   return config_lib.stage_config(c, "dml")
 
 
@@ -267,7 +268,7 @@ def test_validation_names_the_bad_key(key, value):
   section, leaf = key.split(".")
   c[section][leaf] = value
   with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 def _cifar():
@@ -284,7 +285,7 @@ def _cifar():
     ("resnet32x4-ShuffleV2,dml", "ShuffleV2", "resnet32x4", "dml")])
 def test_dml_presets(arg, peer0, peer1, method):
   c = _cifar().get_config(arg)
-  config_lib.validate(c)
+  config_checks.validate(c)
   assert (c.method, c.student.arch, c.teacher.arch) == (method, peer0, peer1)
   # The DML paper's CIFAR-100 recipe (docs/dml.md).
   assert (c.optim.learning_rate, c.optim.momentum, c.batch_size,

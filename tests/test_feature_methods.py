@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import methods, parallel, train
 from slkd_jax import data as data_lib
 from slkd_jax import stage as stage_lib
@@ -28,7 +29,7 @@ def digits_config(method):
   c.batch_size = 32
   c.eval_batch_size = 360
   c.optim.learning_rate = 0.02
-  config_lib.validate(c)
+  config_checks.validate(c)
   return config_lib.stage_config(c, method)
 
 

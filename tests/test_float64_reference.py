@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import torch_models  # noqa: E402
 from slkd_jax import config as config_lib  # noqa: E402
+from slkd_jax import config_checks  # noqa: E402
 from slkd_jax import convert_torch, parallel  # noqa: E402
 from slkd_jax import stage as stage_lib  # noqa: E402
 from slkd_jax import state as state_lib  # noqa: E402
@@ -180,7 +181,7 @@ def _config(ensemble, detach=False):
   c.loss.temperature, c.loss.ce_weight, c.loss.kd_weight = T, CE_W, KD_W
   c.optim.learning_rate, c.optim.momentum = LR, MOMENTUM
   c.optim.weight_decay = WEIGHT_DECAY
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

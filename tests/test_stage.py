@@ -5,6 +5,7 @@ one-line ConfigError naming it, before any training."""
 import pytest
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import errors, models
 from slkd_jax import stage as stage_lib
 
@@ -16,7 +17,7 @@ def stage_config(method, student="resnet8", teacher="resnet14", **recipe):
   c.data.num_classes = 10
   for key, value in recipe.items():
     c.recipes[method][key] = value
-  config_lib.validate(c)  # the key/range checks pass: the value is an int
+  config_checks.validate(c)  # the key/range checks pass: the value is an int
   return config_lib.stage_config(c, method)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from slkd_jax import errors
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 
 from test_train import REPO, _cli_env, _cli_flags
 from test_train import tiny_config as synthetic_config
@@ -21,7 +22,7 @@ def test_vary_without_seeds_is_refused_naming_study_seeds():
   with pytest.raises(errors.ConfigError,
                      match=r"^config\.study\.vary\.temperature is set but "
                      r"config\.study\.seeds is None.*set study\.seeds") as e:
-    config_lib.validate(config)
+    config_checks.validate(config)
   assert "\n" not in str(e.value)
 
 
@@ -33,7 +34,7 @@ def test_keys_that_change_the_program_cannot_vary(key):
   with pytest.raises(errors.ConfigError,
                      match=rf"^config\.study\.vary\.{key} cannot vary: "
                      rf".*train separate runs for other {key} values$") as e:
-    config_lib.validate(config)
+    config_checks.validate(config)
   assert "\n" not in str(e.value) and "spelling" not in str(e.value)
 
 
@@ -43,14 +44,14 @@ def test_momentum_says_why_it_cannot_vary_even_without_seeds():
   with pytest.raises(errors.ConfigError,
                      match="optim.momentum is a constant of the compiled "
                      "optimizer"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_a_varying_key_is_still_accepted():
   config = synthetic_config(method="kd")
   config.study.seeds = (0, 1)
   config.study.vary.temperature = (2.0, 4.0)
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert [c.loss.temperature for c in config_lib.run_configs(config)] == [
       2.0, 4.0]
 

@@ -20,6 +20,7 @@ import pytest
 
 from slkd_jax import artifact, methods, metrics, models, parallel, train
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import convert_torch as ct
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
@@ -489,7 +490,7 @@ cifar = _cifar_presets()
     ("cifar_resnet18,ce", "cifar_resnet18")])
 def test_teskd_presets_carry_the_official_recipe(arg, arch):
   c = cifar.get_config(arg)
-  config_lib.validate(c)
+  config_checks.validate(c)
   assert c.student.arch == arch
   assert c.method == (arg.partition(",")[2] or "teskd")
   # main.py: Nesterov SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, 200
@@ -520,7 +521,7 @@ def test_teskd_paper_numbers():
 
 def test_teskd_validation_names_the_key():
   with pytest.raises(config_lib.errors.ConfigError, match="student.arch"):
-    config_lib.validate(cifar.get_config("resnet32x4-resnet8x4,teskd"))
+    config_checks.validate(cifar.get_config("resnet32x4-resnet8x4,teskd"))
   with pytest.raises(config_lib.errors.ConfigError, match="kd"):
     cifar.get_config("cifar_resnet18,kd")
   for key, value in (("optim.nesterov", 1), ("report_best_after_epoch", -1),
@@ -530,7 +531,7 @@ def test_teskd_validation_names_the_key():
     node = c[parent] if parent else c
     with pytest.raises((config_lib.errors.ConfigError, TypeError)):
       node[leaf] = value
-      config_lib.validate(c)
+      config_checks.validate(c)
   defaults = config_lib.base_config()
   assert defaults.optim.nesterov is False
   assert defaults.data.mean is None and defaults.report_best_after_epoch == 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import losses, methods, optim, parallel
 from slkd_jax import stage as stage_lib
 from slkd_jax import state as state_lib
@@ -26,7 +27,7 @@ def tiny_config(method="slkd", num_slts=2, **slkd):
   c.slkd.num_slts = num_slts
   c.slkd.update(slkd)
   c.optim.learning_rate = 0.1
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from slkd_jax import checkpoint, errors, evaluate, metrics, parallel, report
 from slkd_jax import config as config_lib
+from slkd_jax import config_checks
 from slkd_jax import train
 
 from test_train import (REPO, _cli_env, _cli_flags, _wrap_datasets,
@@ -247,4 +248,4 @@ def test_bad_study_configs_are_one_line_errors(key, value, message):
     target = target[part]
   target[name] = value
   with pytest.raises(errors.ConfigError, match=message):
-    config_lib.validate(config)
+    config_checks.validate(config)
