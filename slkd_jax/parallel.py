@@ -119,13 +119,13 @@ def sync_processes(name: str) -> None:
 # loss means) one way on one thread and another on several, so a process
 # that sees one CPU computed other numbers than one that sees two. XLA's own
 # reduction loops give the same bits on any CPU count (CPU steps ~5-10%
-# slower, measured on the quickstart; GPUs are unaffected). On AMD EPYC
-# machines Eigen's multi-threaded convolutions also split their sums by the
-# thread count (1 vs 2 CPUs differed at the fourth step of the
-# reproducibility test): they run on one thread each, the devices' programs
-# still in parallel.
-CPU_DETERMINISM_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",
-                         "--xla_cpu_multi_thread_eigen=false")
+# slower, measured on the quickstart; GPUs are unaffected). XLA:CPU also
+# splits work by the size of its intra-op thread pool, which it sizes by the
+# CPUs the process may use: on an AMD EPYC machine a process pinned to one
+# CPU computed other numbers than one with two from the fourth step on.
+# :func:`configure_jax` therefore sizes the pool by the machine's CPUs
+# (``$PJRT_NPROC``), whatever the process's affinity.
+CPU_DETERMINISM_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
 
 
 def _add_xla_flag(flag: str) -> None:
@@ -159,21 +159,25 @@ def _cpu_device_count() -> int:
              configured if configured and configured > 0 else 1)
 
 
-def lapack_safe_pool_size() -> int:
-  """An intra-op pool size that leaves threads for LAPACK's chunks while
-  every device's program waits in a LAPACK call."""
-  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-      else (os.cpu_count() or 1)
-  return cpus + LAPACK_POOL_THREADS_PER_DEVICE * _cpu_device_count()
-
-
-def _size_pool_for_lapack(config) -> None:
+def cpu_pool_size(config) -> int:
+  """The size of XLA:CPU's intra-op pool for a run of ``config``: the
+  machine's CPUs (not this process's affinity, so the numbers are the same
+  however many CPUs it may use; at least one thread per device, as XLA's
+  own default), plus threads for LAPACK's chunks while every device's
+  program waits in a LAPACK call, in runs with such a method."""
+  threads = max(os.cpu_count() or 1, _cpu_device_count())
   methods = (config.get("method"), *(config.get("compare_with") or ()))
-  if not any(m in LAPACK_METHODS for m in methods):
-    return
-  if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
-    return  # sized by whoever launched the run
-  os.environ["PJRT_NPROC"] = str(lapack_safe_pool_size())
+  if any(m in LAPACK_METHODS for m in methods):
+    threads = ((os.cpu_count() or 1)
+               + LAPACK_POOL_THREADS_PER_DEVICE * _cpu_device_count())
+  return threads
+
+
+def _size_cpu_pool(config) -> None:
+  """``$PJRT_NPROC`` (read when the CPU backend starts) to
+  :func:`cpu_pool_size`, unless the launcher set it."""
+  if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
+    os.environ["PJRT_NPROC"] = str(cpu_pool_size(config))
 
 
 def configure_jax(config) -> None:
@@ -182,7 +186,7 @@ def configure_jax(config) -> None:
   pool's size are read once)."""
   for flag in CPU_DETERMINISM_FLAGS:
     _add_xla_flag(flag)
-  _size_pool_for_lapack(config)
+  _size_cpu_pool(config)
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   if config.get("deterministic", False):

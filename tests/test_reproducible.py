@@ -27,8 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # that sees one CPU computes other numbers than one that sees two or more.
 # slkd_jax.main sets this flag; it is repeated here so the test checks the
 # numerics it fixes whoever launches the command.
-CPU_DETERMINISM_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce "
-                         "--xla_cpu_multi_thread_eigen=false")
+CPU_DETERMINISM_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 # The quickstart, shortened to about half a minute of compute per process:
 # one epoch each of a resnet8 teacher and of SLKD with one SL-T.
