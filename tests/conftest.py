@@ -27,3 +27,31 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+# The slowest test files (measured with --durations on the 2-core CI
+# machine), slowest first. With `-n 2 --dist loadfile --no-loadscope-reorder`
+# the workers take them first and finish together, rather than one worker
+# running the heaviest file alone at the end.
+SLOWEST_FILES = (
+    "test_studies.py", "test_train_study.py", "test_feature_methods.py",
+    "test_train_step.py", "test_train.py", "test_models.py",
+    "test_float64_reference.py", "test_table.py", "test_dml.py",
+    "test_teskd.py", "test_benchmarks.py", "test_reviewkd.py",
+    "test_reproducible.py", "test_cli.py", "test_convert_torch.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drop each file's compiled programs when it ends: a worker runs many
+  files and would otherwise hold every executable (GBs); repeats still hit
+  the persistent cache."""
+  yield
+  jax.clear_caches()
