@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Compile time dominates the suite on 2 CPU cores; numerics are unaffected.
 jax.config.update("jax_disable_most_optimizations", True)
@@ -27,8 +28,6 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-import pytest  # noqa: E402
 
 # The slowest test files (measured with --durations on the 2-core CI
 # machine), slowest first. With `-n 2 --dist loadfile --no-loadscope-reorder`

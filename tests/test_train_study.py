@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from slkd_jax import checkpoint, errors, evaluate, metrics, parallel, report
-from slkd_jax import config as config_lib
 from slkd_jax import config_checks
 from slkd_jax import train
 
@@ -27,23 +26,12 @@ TEMPERATURES = (4.0, 4.0, 2.0, 1.0)
 
 
 def small_config(**overrides):
-  """A small SLKD run: synthetic 8×8 images in 10 classes (64 train, 3
-  steps of 24 per epoch, the last one padded; 40 test), resnet8 teacher
-  and student, one SL-T."""
-  c = config_lib.base_config()
-  c.data.name, c.data.num_classes, c.data.image_size = "synthetic", 10, 8
-  c.data.num_train, c.data.num_test = 64, 40
-  c.batch_size, c.eval_batch_size = 24, 40
-  c.teacher.arch = c.student.arch = "resnet8"
-  c.teacher.num_epochs = 1
-  c.slkd.num_slts = 1
-  c.num_epochs = 2
-  c.log_every_steps = 2
-  c.checkpoint_every_epochs = 1
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (c[section] if section else c)[name] = value
-  return c
+  """test_train's tiny run with 10 classes, 64 train images (3 steps of 24,
+  the last one padded) and 40 test images, and one SL-T."""
+  return synthetic_config(**{
+      "data.num_classes": 10, "data.num_train": 64, "data.num_test": 40,
+      "batch_size": 24, "eval_batch_size": 40, "slkd.num_slts": 1,
+      "log_every_steps": 2, **overrides})
 
 
 def study_config(**overrides):
@@ -70,8 +58,8 @@ def test_a_study_of_4_seeds_equals_4_separate_runs(small_study, tmp_path):
     # The separate run the docs promise: its seed and temperature, the
     # study's data order (run 0's) and the study's teacher.
     alone = small_config(**{"seed": seed, "loss.temperature": t,
-                             "data.order_seed": SEEDS[0],
-                             "teacher.checkpoint": workdir})
+                            "data.order_seed": SEEDS[0],
+                            "teacher.checkpoint": workdir})
     single = train.run(alone, str(tmp_path / str(r)))["slkd"]
     together = results[f"runs/{r}/slkd"]
     # float32: the two programs may round differently; none of the 40
