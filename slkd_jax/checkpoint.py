@@ -74,6 +74,23 @@ def _quiet():
       lg.setLevel(level)
 
 
+def _save_each_array_once_on_cpu() -> None:
+  """On CPU devices orbax's default (replica-parallel) save cuts every
+  replicated array into one slice per device, a dispatch each: with 8 CPU
+  devices a small state's save takes 2.5x as long. GPUs already default to
+  one transfer per array; so do CPUs here. What is written is the same."""
+  if jax.default_backend() != "cpu":
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(default, "_use_replica_parallel", False):
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False,
+        array_metadata_store=getattr(default, "_array_metadata_store", None))
+    with _quiet():  # orbax warns about any override
+      ocp.type_handlers.register_type_handler(jax.Array, handler,
+                                              override=True)
+
+
 class Checkpointer:
   """Save and restore a stage's state in ``directory``.
 
@@ -85,6 +102,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    _save_each_array_once_on_cpu()
     if jax.process_index() == 0:
       check_writable(self.directory)
     self._manager = ocp.CheckpointManager(

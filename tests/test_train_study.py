@@ -38,10 +38,20 @@ def study_config(**overrides):
   c = small_config(**overrides)
   c.study.seeds = SEEDS
   c.study.vary.temperature = TEMPERATURES
-  # vmap: one copy of the step to compile rather than four (the other
-  # studies here run the CPU default, unrolled).
-  c.study.impl = "vmap"
+  c.study.impl = "vmap"  # as kd_study's
   return c
+
+
+def kd_study(seeds, **study):
+  """A KD study of test_train's tiny run. vmap: one copy of the step to
+  compile rather than one per run; the driver is the same for both impls
+  (the two-process test below runs the CPU default, unrolled, and
+  tests/test_studies.py checks both impls step by step)."""
+  config = synthetic_config(method="kd")
+  config.study.seeds = seeds
+  config.study.impl = "vmap"
+  config.study.update(study)
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +140,7 @@ def _poison(monkeypatch, dataset: int):
 
 def test_a_diverging_run_is_frozen_reported_and_left_out(tmp_path,
                                                          monkeypatch):
-  config = synthetic_config(method="kd")
-  config.study.seeds = (5, 6, 7)
-  config.study.shared_data = False
+  config = kd_study((5, 6, 7), shared_data=False)
   _poison(monkeypatch, dataset=2)  # run 1's
   results = train.run(config, str(tmp_path))
   study = json.load(open(tmp_path / "kd" / "study.json"))
@@ -150,8 +158,7 @@ def test_a_diverging_run_is_frozen_reported_and_left_out(tmp_path,
 
 def test_a_study_where_every_run_diverges_stops_in_one_line(tmp_path,
                                                            monkeypatch):
-  config = synthetic_config(method="kd")
-  config.study.seeds = (0, 1)
+  config = kd_study((0, 1))
   # The study's shared order is run 0's, seed 0: the teacher's dataset,
   # reused (the teacher trains in its epoch 0 only).
   _poison(monkeypatch, dataset=0)
@@ -161,9 +168,7 @@ def test_a_study_where_every_run_diverges_stops_in_one_line(tmp_path,
 
 
 def test_a_stopped_study_resumes_exactly(tmp_path, monkeypatch):
-  config = synthetic_config(method="kd")
-  config.study.seeds = (0, 1)
-  config.study.shared_data = False  # each run its own order
+  config = kd_study((0, 1), shared_data=False)  # each run its own order
   whole = str(tmp_path / "whole")
   train.run(config, whole)
   calls = []
