@@ -268,14 +268,17 @@ def _final_eval(workdir):
 def test_two_processes_match_one_process(tmp_path):
   """2 processes × 2 CPU devices (jax.distributed on localhost) give the
   same run as 1 process × 4 devices."""
+  one_slt = "--config.slkd.num_slts=1"  # the processes are tested, not K
   single = subprocess.run(
-      [sys.executable, "-m", "slkd_jax.main", *_cli_flags(tmp_path / "one")],
+      [sys.executable, "-m", "slkd_jax.main",
+       *_cli_flags(tmp_path / "one", one_slt)],
       cwd=REPO, env=_cli_env(4), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   env = _cli_env(2)
   env["SLKD_LOCAL_DEVICES"] = "2"
   multi = subprocess.run(
-      ["bash", "launch/local.sh", "2", *_cli_flags(tmp_path / "two")],
+      ["bash", "launch/local.sh", "2",
+       *_cli_flags(tmp_path / "two", one_slt)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stderr[-3000:]
   assert "processes: 2" in multi.stderr
