@@ -42,7 +42,7 @@ IMAGE_SIZE = 32
 BATCH = 16
 STEPS = 10
 # The same 10 steps for vmap (its batched-kernel convolutions run ~6x slower
-# than the unrolled ones on XLA:CPU: about 2 minutes here).
+# than the unrolled ones on XLA:CPU, on one device: see jax_trajectory).
 VMAP_STEPS = 10
 NUM_SLTS = 2
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
@@ -216,9 +216,13 @@ def _assert_float64(tree, what):
 
 
 def jax_trajectory(c, init, batches, eval_images):
-  """One library step per batch (jitted, batch sharded over all devices);
-  per-step terms and the final eval-mode logits, checked float64."""
-  mesh = parallel.make_mesh()
+  """One library step per batch (jitted, batch sharded over all devices;
+  vmapped SL-Ts on one: XLA:CPU's float64 grouped convolutions cost about
+  the same per device whatever its share of the batch, 8x the time on 8
+  fake devices); per-step terms and the final eval-mode logits, checked
+  float64."""
+  mesh = parallel.make_mesh(
+      jax.devices()[:1] if c.slkd.ensemble == "vmap" else None)
   state = _initial_state(c, mesh, init)
   hp = stage_lib.resolve(c).hparams(1)
   _assert_float64(hp, "HParams")
