@@ -116,7 +116,7 @@ class _Loop:
     run's with their alive flags."""
     if self.plan.study:
       return {"runs": states, "alive": alive}
-    return studies.run_slice(states, 0)
+    return studies.take_run(states, 0)
 
   def meta(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
     """The JSON item of the stage's checkpoints."""
@@ -180,7 +180,7 @@ def fit(plan: StagePlan, mesh, run_data, eval_data, teacher,
   _finish(loop, states, trains)
   return {(os.path.join(RUNS_DIR, str(r), plan.name) if plan.study
            else plan.name): StageResult(
-               plan.name, plan.method, studies.run_slice(states, r),
+               plan.name, plan.method, studies.take_run(states, r),
                loop.histories[r], teacher)
           for r in range(plan.runs)}
 
@@ -492,7 +492,7 @@ def _end_of_epoch(loop: _Loop, eval_fn, states, alive, epoch: int,
   for r in live:
     if not stage_files.is_best_epoch(loop.histories[r], config, epoch):
       continue
-    run_state = studies.run_slice(states, r)
+    run_state = studies.take_run(states, r)
     # One save at a time: concurrent async saves of two managers at the same
     # step collide in orbax's multi-process barriers.
     loop.ckpt.wait()
@@ -535,7 +535,7 @@ def _finish(loop: _Loop, states, trained: bool) -> None:
   config = plan.config
   final_step = config.num_epochs * loop.data.steps_per_epoch
   for r, directory in enumerate(plan.run_dirs):
-    run_state, history = studies.run_slice(states, r), loop.histories[r]
+    run_state, history = studies.take_run(states, r), loop.histories[r]
     if plan.study:  # a single run's final state is the stage's checkpoint
       _save_final_state(directory, final_step, run_state, trained,
                         loop.run_meta(r, history[-1]["epoch"]
