@@ -123,12 +123,15 @@ def test_runs_with_their_own_batches_equal_separate_runs():
                         separate_run("kd", seed, t, mesh, 2, data_seed=r))
 
 
-def test_a_diverging_run_is_frozen_and_the_others_go_on():
+@pytest.mark.parametrize("impl", ["vmap", "unrolled"])
+def test_a_diverging_run_is_frozen_and_the_others_go_on(impl):
+  """Both impls: unrolled, the step keeps a run's state with a conditional;
+  vmapped, with a select per leaf."""
   with jax.enable_x64(True):
-    mesh = mesh_for("vmap")
+    mesh = mesh_for(impl)
     stage = stage_lib.resolve(tiny_config("kd"))
     fresh = jax.device_get(studies.create_runs_state(stage, mesh, SEEDS))
-    together, alive = study("kd", "vmap", mesh, 2,
+    together, alive = study("kd", impl, mesh, 2,
                             learning_rates=(0.05, jnp.nan, 0.05))
     assert alive.tolist() == [True, False, True]
     jax.tree.map(np.testing.assert_array_equal,
