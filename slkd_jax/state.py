@@ -12,6 +12,7 @@ shard, donate and checkpoint as plain trees.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -86,18 +87,35 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
                      key: jax.Array, image_shape) -> TrainState:
   """A fresh :class:`TrainState` (step 0, the model's own initialisers)."""
-  params, batch_stats = init_variables(model, key, image_shape)
+  return _fresh_train_state(tx, *init_variables(model, key, image_shape))
+
+
+def _fresh_train_state(tx: optax.GradientTransformation, params: PyTree,
+                       batch_stats: PyTree) -> TrainState:
   return TrainState(params=params, batch_stats=batch_stats,
                     step=jnp.zeros((), jnp.int32), opt_state=tx.init(params))
 
 
-def init_stacked_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                             keys: jax.Array, image_shape) -> TrainState:
-  """K independent fresh states stacked on a leading axis (``jax.vmap``).
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def network_variables(model: nn.Module, keys: jax.Array, image_shape
+                      ) -> tuple[PyTree, PyTree]:
+  """:func:`init_variables` of ``model`` for every key of ``keys`` (any
+  leading shape: runs, stacked networks), laid out like ``keys``.
 
-  Each SL-T gets its own random init (``keys[k]``), not a copy of another.
+  One compiled program per architecture, input shape and key layout, kept
+  for the process: the random initialisers are most of the compile time of
+  a fresh state, and every stage and run that builds the same network (a
+  table's students, a study's stages) reuses it.
   """
-  return jax.vmap(lambda k: init_train_state(model, tx, k, image_shape))(keys)
+  return _mapped(lambda key: init_variables(model, key, image_shape),
+                 keys.ndim)(keys)
+
+
+def _mapped(fn, ndim: int):
+  """``fn`` vmapped over ``ndim`` leading axes."""
+  for _ in range(ndim):
+    fn = jax.vmap(fn)
+  return fn
 
 
 # ---------------------------------------------------------------------------
@@ -118,22 +136,23 @@ def _init_module(stage, name: str, key) -> TrainState:
                     opt_state=stage.tx.init(params))
 
 
-def init_trainable(stage, root: jax.Array, train_labels=None) -> DistillState:
-  """The trainable part of a fresh :class:`DistillState` from the run's key
-  ``root`` (pure: jit- and vmap-able; no teacher).
+def _network_keys(root: jax.Array, num_slts: int):
+  """The student's key and the ``[K]`` SL-Ts' keys (None without SL-Ts)."""
+  student = jax.random.fold_in(root, 1)
+  if not num_slts:
+    return student, None
+  return student, jax.random.split(jax.random.fold_in(root, 2), num_slts)
 
-  RNG: ``root`` folded with 1 for the student, 2 for the SL-Ts (SL-T ``k``
-  uses ``split(key_slts, K)[k]``: independent inits), 3, 4, ... for the
-  method's modules in name order and :data:`BUFFERS_TAG` for its buffers.
-  """
+
+def _assemble(stage, root: jax.Array, student_vars, slt_vars, train_labels
+              ) -> DistillState:
+  """The trainable state around the networks' initial variables: optimiser
+  states, the method's modules and buffers (pure: jit- and vmap-able)."""
   method, nets, tx = stage.method, stage.nets, stage.tx
-  shape = stage.image_shape
-  student = init_train_state(nets.student, tx, jax.random.fold_in(root, 1),
-                             shape)
+  student = _fresh_train_state(tx, *student_vars)
   slts = None
-  if nets.slt is not None:
-    keys = jax.random.split(jax.random.fold_in(root, 2), nets.num_slts)
-    slts = init_stacked_train_state(nets.slt, tx, keys, shape)
+  if slt_vars is not None:
+    slts = jax.vmap(lambda p, s: _fresh_train_state(tx, p, s))(*slt_vars)
   modules = None
   if nets.modules:
     modules = {name: _init_module(stage, name, jax.random.fold_in(root, 3 + i))
@@ -145,6 +164,38 @@ def init_trainable(stage, root: jax.Array, train_labels=None) -> DistillState:
         param_dtype(stage.dtype))
   return DistillState(step=jnp.zeros((), jnp.int32), student=student,
                       slts=slts, modules=modules, buffers=buffers)
+
+
+def init_trainable(stage, roots: jax.Array, mesh, train_labels=None
+                   ) -> DistillState:
+  """The trainable part of fresh :class:`DistillState` s, one per key of
+  ``roots`` (shape ``[]``, or ``[R]``: runs stacked on a leading axis),
+  replicated on ``mesh``; no teacher.
+
+  RNG: each root folded with 1 for the student, 2 for the SL-Ts (SL-T ``k``
+  uses ``split(key_slts, K)[k]``: independent inits), 3, 4, ... for the
+  method's modules in name order and :data:`BUFFERS_TAG` for its buffers.
+
+  The networks' variables come from :func:`network_variables` (compiled
+  once per architecture), the rest from one small program: the same numbers
+  as one program for everything, and a network built again (another stage,
+  method or run) is not compiled again.
+  """
+  nets = stage.nets
+  replicated = parallel.replicated(mesh)
+  num_slts = nets.num_slts if nets.slt is not None else 0
+  # Placed by jit, not device_put: on several processes the mesh has devices
+  # this process cannot address.
+  student_keys, slt_keys = jax.jit(
+      _mapped(lambda root: _network_keys(root, num_slts), roots.ndim),
+      out_shardings=replicated)(roots)
+  shape = stage.image_shape
+  student_vars = network_variables(nets.student, student_keys, shape)
+  slt_vars = (None if slt_keys is None else
+              network_variables(nets.slt, slt_keys, shape))
+  assemble = lambda root, s, t: _assemble(stage, root, s, t, train_labels)
+  return jax.jit(_mapped(assemble, roots.ndim), out_shardings=replicated)(
+      roots, student_vars, slt_vars)
 
 
 def check_inputs(stage, teacher: ModelState | None, train_labels) -> None:
@@ -172,9 +223,9 @@ def create_state(stage, mesh, teacher: ModelState | None = None,
       required by methods with buffers (CRD's memory and class table).
   """
   check_inputs(stage, teacher, train_labels)
-  replicated = parallel.replicated(mesh)
-  state = jax.jit(lambda root: init_trainable(stage, root, train_labels),
-                  out_shardings=replicated)(jax.random.key(stage.seed))
+  state = init_trainable(stage, jax.random.key(stage.seed), mesh,
+                         train_labels)
   if stage.method.uses_teacher:
-    state = state.replace(teacher=jax.device_put(teacher, replicated))
+    state = state.replace(
+        teacher=jax.device_put(teacher, parallel.replicated(mesh)))
   return state

@@ -63,9 +63,7 @@ def create_runs_state(stage: Stage, mesh, seeds: Sequence[int],
   The frozen teacher is never part of them: the steps take it as an
   argument (``train_labels``: as :func:`slkd_jax.state.create_state`)."""
   keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-  return jax.jit(jax.vmap(lambda root: init_trainable(stage, root,
-                                                      train_labels)),
-                 out_shardings=parallel.replicated(mesh))(keys)
+  return init_trainable(stage, keys, mesh, train_labels)
 
 
 def _all_finite(tree) -> jax.Array:

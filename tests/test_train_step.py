@@ -118,6 +118,26 @@ def test_reference_default_couples_the_slts():
   assert max(jax.tree.leaves(diff)) > 1e-6
 
 
+def test_fresh_states_compile_each_network_init_once():
+  """A network's random init (most of a fresh state's compile time) is one
+  program per architecture and key layout, shared by the stages that build
+  it; every leaf of the state is replicated over the mesh."""
+  mesh = parallel.make_mesh()
+  jax.clear_caches()
+  kd = state_lib.create_state(stage_lib.resolve(tiny_config(method="kd")),
+                              mesh, random_teacher(tiny_config()))
+  assert state_lib.network_variables._cache_size() == 1  # the student
+  slkd = state_lib.create_state(stage_lib.resolve(tiny_config(num_slts=2)),
+                                mesh, random_teacher(tiny_config()))
+  assert state_lib.network_variables._cache_size() == 2  # + the [2] SL-Ts
+  for leaf in jax.tree.leaves((kd, slkd)):
+    assert leaf.sharding.is_fully_replicated
+    assert leaf.sharding.device_set == set(mesh.devices.flat)
+  # Same seed, same student: its init does not depend on the method.
+  assert_trees_close(jax.device_get(kd.student.params),
+                     jax.device_get(slkd.student.params), rtol=0, atol=0)
+
+
 def test_one_device_and_eight_devices_agree():
   c = tiny_config()
   batches = [make_batch(16, 16, seed) for seed in range(3)]
