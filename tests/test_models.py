@@ -87,7 +87,7 @@ def test_forward_train_and_eval(name):
   model = models.create(name, num_classes=10)
   size = _forward_size(name)
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  variables = model.init(jax.random.key(0), x, train=False)
 
   @jax.jit
   def run(variables, x):
@@ -121,7 +121,7 @@ def test_features_returns_outputs_with_the_same_logits(name):
   size = _forward_size(name)
   x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
   mask = jnp.array([True, True, True, False])
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+  variables = model.init(jax.random.key(0), x)
 
   def run(features):
     # Two separate programs: one jit would let XLA merge the two forwards.
