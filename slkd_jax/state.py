@@ -84,14 +84,9 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape
   return variables["params"], variables.get("batch_stats", {})
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                     key: jax.Array, image_shape) -> TrainState:
-  """A fresh :class:`TrainState` (step 0, the model's own initialisers)."""
-  return _fresh_train_state(tx, *init_variables(model, key, image_shape))
-
-
 def _fresh_train_state(tx: optax.GradientTransformation, params: PyTree,
                        batch_stats: PyTree) -> TrainState:
+  """A :class:`TrainState` at step 0 around initial variables."""
   return TrainState(params=params, batch_stats=batch_stats,
                     step=jnp.zeros((), jnp.int32), opt_state=tx.init(params))
 
@@ -129,11 +124,8 @@ def _init_module(stage, name: str, key) -> TrainState:
       name, stage.nets.student, stage.nets.teacher, stage.settings,
       stage.image_size)
   variables = stage.nets.modules[name].init(key, *args, **kwargs)
-  params = variables["params"]
-  return TrainState(params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    step=jnp.zeros((), jnp.int32),
-                    opt_state=stage.tx.init(params))
+  return _fresh_train_state(stage.tx, variables["params"],
+                            variables.get("batch_stats", {}))
 
 
 def _network_keys(root: jax.Array, num_slts: int):

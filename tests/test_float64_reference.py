@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks import torch_models  # noqa: E402
 from slkd_jax import config as config_lib  # noqa: E402
 from slkd_jax import config_checks  # noqa: E402
-from slkd_jax import convert_torch, parallel  # noqa: E402
+from slkd_jax import convert_torch, parallel, studies  # noqa: E402
 from slkd_jax import stage as stage_lib  # noqa: E402
 from slkd_jax import state as state_lib  # noqa: E402
 from slkd_jax import train_step  # noqa: E402
@@ -378,12 +378,13 @@ def test_param_dtype_promotes_to_at_least_float32():
 
 def test_float64_run_has_float64_variables_and_hparams():
   c = _config("unrolled")
-  nets = stage_lib.resolve(c).nets
-  shape = stage_lib.resolve(c).image_shape
-  for model in (nets.student, nets.slt):
-    abstract = jax.eval_shape(lambda m=model: state_lib.init_train_state(
-        m, stage_lib.resolve(c).tx, jax.random.key(0), shape))
-    _assert_float64(abstract, f"a fresh {model.__class__.__name__} state")
+  stage = stage_lib.resolve(c)
+  # The library's own path to a fresh state: the student, the SL-Ts and
+  # their optimiser states (shapes only, nothing computed).
+  abstract = jax.eval_shape(lambda: studies.create_runs_state(
+      stage, parallel.make_mesh(), [0]))
+  _assert_float64(abstract.student, "a fresh student state")
+  _assert_float64(abstract.slts, "a fresh SL-T state")
   hp = stage_lib.resolve(c).hparams(1)
   _assert_float64(hp, "HParams")
   assert float(hp.ce_weight) == 0.1 and float(hp.learning_rate) == 0.05
