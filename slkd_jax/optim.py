@@ -14,6 +14,7 @@ that changing it (every epoch, or across vmapped runs) never recompiles.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -21,10 +22,13 @@ import jax.numpy as jnp
 import optax
 
 
+@functools.lru_cache(maxsize=None, typed=True)
 def sgd_direction(weight_decay: float, momentum: float,
                   nesterov: bool = False) -> optax.GradientTransformation:
   """Gradient → PyTorch SGD's step direction (the update before ``−lr``):
-  the momentum buffer, or with ``nesterov`` ``g + m·buf``."""
+  the momentum buffer, or with ``nesterov`` ``g + m·buf``. One object per
+  setting, so stages with the same optimiser share their compiled steps
+  (:mod:`slkd_jax.step_cache`)."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.trace(decay=momentum, nesterov=nesterov))
 

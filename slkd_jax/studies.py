@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slkd_jax import errors, parallel, train_step
+from slkd_jax import errors, parallel, step_cache, train_step
 from slkd_jax.methods import HParams
 from slkd_jax.stage import Stage
 from slkd_jax.state import DistillState, ModelState, init_trainable
@@ -143,6 +143,7 @@ def batch_sharding(mesh, shared_batch: bool):
   return NamedSharding(mesh, P(None, parallel.DATA_AXIS))
 
 
+@step_cache.per_program
 def _jit_runs_step(stage: Stage, mesh, impl: str, shared_batch: bool = True,
                    freeze: bool = True):
   replicated = parallel.replicated(mesh)
@@ -200,6 +201,7 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
   return compiled, estimate
 
 
+@step_cache.per_program
 def make_runs_eval_step(stage: Stage, mesh, impl: str):
   """The jitted, sharded eval step of R runs: ``(states, teacher, batch,
   hps) ->`` per-run sums (see :func:`build_runs_eval_step`)."""

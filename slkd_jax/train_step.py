@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from slkd_jax import losses, parallel
+from slkd_jax import losses, parallel, step_cache
 from slkd_jax import step_parts as parts
 from slkd_jax.methods import Context, HParams, Logits
 from slkd_jax.stage import Stage
@@ -133,6 +133,7 @@ def _shared_step(stage: Stage) -> Step:
   return step
 
 
+@step_cache.per_program
 def make_train_step(stage: Stage, mesh
                     ) -> Callable[[DistillState, Batch, HParams],
                                   tuple[DistillState, Metrics]]:
@@ -215,6 +216,7 @@ def build_eval_step(stage: Stage
   return eval_step
 
 
+@step_cache.per_program
 def make_eval_step(stage: Stage, mesh
                    ) -> Callable[[DistillState, Batch, HParams], Metrics]:
   """The jitted, sharded eval step (see :func:`build_eval_step`)."""

@@ -89,14 +89,19 @@ def test_forward_train_and_eval(name):
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
   variables = model.init(jax.random.key(0), x, train=False)
 
-  @jax.jit
   def run(variables, x):
     train_logits, updates = model.apply(variables, x, train=True,
                                         mutable=["batch_stats"])
     eval_logits = model.apply(variables, x, train=False)
     return train_logits, eval_logits, updates
 
+  # Both modes trace (as in the jitted train and eval steps) ...
+  traced = jax.eval_shape(run, variables, x)
+  # ... and run op by op: the op programs are shared by the 28 networks,
+  # where a jit of each network's forward would compile 28 programs.
   train_logits, eval_logits, updates = run(variables, x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), traced) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), (train_logits, eval_logits, updates))
   for logits in (train_logits, eval_logits):
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
