@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from slkd_jax import methods, models, optim
+from slkd_jax import methods, models, optim, step_cache
 from slkd_jax.methods import HParams
 
 
@@ -78,6 +78,18 @@ class Stage:
   image_size: int
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+  def program_key(self) -> tuple:
+    """Equal for stages whose steps and fresh states are the same programs
+    (:mod:`slkd_jax.step_cache`): every field but what reaches the step as
+    :meth:`hparams` inputs: the seed, the schedule, the fusion weights
+    (also in ``options``, config.slkd) and the :data:`~slkd_jax.methods.
+    LOSS_KEYS` settings."""
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in _HYPER_PARAMETER_FIELDS}
+    fields["settings"] = _without(vars(self.settings), methods.LOSS_KEYS)
+    fields["options"] = _without(self.options, _HYPER_PARAMETER_FIELDS)
+    return step_cache.frozen(fields)
+
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, 3)
@@ -113,6 +125,14 @@ class Stage:
         epoch=arr(epoch),
         seed=jnp.asarray(self.seed, jnp.uint32),
     )
+
+
+#: Stage fields that reach the step only through :meth:`Stage.hparams`.
+_HYPER_PARAMETER_FIELDS = ("seed", "schedule", "fusion_weights")
+
+
+def _without(items: dict, names) -> dict:
+  return {k: v for k, v in items.items() if k not in names}
 
 
 def resolve(config) -> Stage:

@@ -19,9 +19,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from slkd_jax import parallel
+from slkd_jax import parallel, step_cache
 from slkd_jax.models.layers import param_dtype
 
 PyTree = Any
@@ -169,25 +170,52 @@ def init_trainable(stage, roots: jax.Array, mesh, train_labels=None
   method's modules in name order and :data:`BUFFERS_TAG` for its buffers.
 
   The networks' variables come from :func:`network_variables` (compiled
-  once per architecture), the rest from one small program: the same numbers
-  as one program for everything, and a network built again (another stage,
-  method or run) is not compiled again.
+  once per architecture), their keys and the rest of the state from two
+  small programs kept per stage program (:mod:`slkd_jax.step_cache`): the
+  same numbers as one program for everything, and a network or stage built
+  again (another stage, method, run or resume) is not compiled again.
   """
   nets = stage.nets
-  replicated = parallel.replicated(mesh)
-  num_slts = nets.num_slts if nets.slt is not None else 0
-  # Placed by jit, not device_put: on several processes the mesh has devices
-  # this process cannot address.
-  student_keys, slt_keys = jax.jit(
-      _mapped(lambda root: _network_keys(root, num_slts), roots.ndim),
-      out_shardings=replicated)(roots)
+  labels = (_labels_key(train_labels)
+            if stage.method.init_buffers is not None else None)
+  split_keys, assemble = _init_programs(stage, mesh, roots.ndim, labels)
+  student_keys, slt_keys = split_keys(roots)
   shape = stage.image_shape
   student_vars = network_variables(nets.student, student_keys, shape)
   slt_vars = (None if slt_keys is None else
               network_variables(nets.slt, slt_keys, shape))
-  assemble = lambda root, s, t: _assemble(stage, root, s, t, train_labels)
-  return jax.jit(_mapped(assemble, roots.ndim), out_shardings=replicated)(
-      roots, student_vars, slt_vars)
+  return assemble(roots, student_vars, slt_vars)
+
+
+def _labels_key(train_labels) -> tuple | None:
+  """The training labels as a hashable value (they are constants of the
+  assembly program: CRD's class table is built from them on the host)."""
+  if train_labels is None:
+    return None
+  labels = np.asarray(train_labels)
+  return labels.dtype.str, labels.shape, labels.tobytes()
+
+
+@step_cache.per_program
+def _init_programs(stage, mesh, ndim: int, labels_key):
+  """The jitted programs of :func:`init_trainable` around the networks'
+  (kept per program, like the steps): the networks' keys from the roots,
+  and the assembly of the state."""
+  replicated = parallel.replicated(mesh)
+  num_slts = stage.nets.num_slts if stage.nets.slt is not None else 0
+  labels = None
+  if labels_key is not None:
+    dtype, shape, data = labels_key
+    labels = np.frombuffer(data, dtype).reshape(shape)
+  # Placed by jit, not device_put: on several processes the mesh has devices
+  # this process cannot address.
+  split_keys = jax.jit(
+      _mapped(lambda root: _network_keys(root, num_slts), ndim),
+      out_shardings=replicated)
+  assemble = jax.jit(
+      _mapped(lambda root, s, t: _assemble(stage, root, s, t, labels), ndim),
+      out_shardings=replicated)
+  return split_keys, assemble
 
 
 def check_inputs(stage, teacher: ModelState | None, train_labels) -> None:

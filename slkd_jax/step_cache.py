@@ -5,8 +5,9 @@ separate-run check) resolves a fresh :class:`~slkd_jax.stage.Stage` and
 builds its steps from it. ``jax.jit`` keeps compiled programs per function
 object, so a new closure over an equal stage traces, lowers and compiles
 (or reads from the persistent cache) the same program again: seconds per
-run. The step builders are memoized here on :func:`program_key`, the part
-of a stage that decides the program, and on their other arguments.
+run. The step builders are memoized here on the stage's
+:meth:`~slkd_jax.stage.Stage.program_key` (the part of a stage that decides
+the program) and on their other arguments.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ import numpy as np
 #: Programs kept per builder (least recently used dropped first): a table
 #: runs ~10 methods in one process; each kept program holds its executable.
 MAX_PROGRAMS = 16
-
-#: Stage fields that reach the step as hyper-parameters (``HParams``), not
-#: as part of the program.
-_NOT_IN_PROGRAM = ("seed", "schedule")
 
 Builder = TypeVar("Builder", bound=Callable)
 
@@ -46,23 +43,23 @@ class _Same:
     return isinstance(other, _Same) and other.obj is self.obj
 
 
-def _frozen(value):
+def frozen(value):
   """A hashable value equal exactly when ``value`` builds the same program:
   containers by their items, scalars with their type (``1`` and ``1.0``,
   ``0.0`` and ``-0.0`` differ), flax modules as flax compares them, any
   other unhashable object by identity."""
   if isinstance(value, dict):
-    return ("dict", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    return ("dict", tuple(sorted((k, frozen(v)) for k, v in value.items())))
   if isinstance(value, types.SimpleNamespace):
-    return ("namespace", _frozen(vars(value)))
+    return ("namespace", frozen(vars(value)))
   if isinstance(value, (list, tuple)):
-    return (type(value), tuple(_frozen(v) for v in value))
+    return (type(value), tuple(frozen(v) for v in value))
   if isinstance(value, (float, complex, np.inexact)):
     return (type(value), repr(value))
   if isinstance(value, nn.Module):
     return _hashable_or_same(value)
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return (type(value), tuple((f.name, _frozen(getattr(value, f.name)))
+    return (type(value), tuple((f.name, frozen(getattr(value, f.name)))
                                for f in dataclasses.fields(value)))
   return (type(value), _hashable_or_same(value))
 
@@ -75,23 +72,15 @@ def _hashable_or_same(value):
   return value
 
 
-def program_key(stage) -> tuple:
-  """Equal for two stages whose train and eval steps are the same program:
-  every field of the stage but its seed and learning-rate schedule."""
-  return tuple((f.name, _frozen(getattr(stage, f.name)))
-               for f in dataclasses.fields(stage)
-               if f.name not in _NOT_IN_PROGRAM)
-
-
 def per_program(builder: Builder) -> Builder:
-  """Memoizes ``builder(stage, *args)`` (a jitted step) on
-  ``(program_key(stage), args)``; ``args`` (mesh, impl, switches) must be
+  """Memoizes ``builder(stage, *args)`` (a jitted program) on
+  ``(stage.program_key(), args)``; ``args`` (mesh, impl, switches) must be
   hashable."""
   cache = collections.OrderedDict()
 
   @functools.wraps(builder)
   def cached(stage, *args):
-    key = (program_key(stage), args)
+    key = (stage.program_key(), args)
     if key in cache:
       cache.move_to_end(key)
       return cache[key]

@@ -73,6 +73,27 @@ def test_parameter_counts_match_reference(name):
   assert models.count_params(variables["batch_stats"]) == stats
 
 
+def _host_variables(model, x):
+  """Variables of the shapes ``model.init`` gives, made on the host: normal
+  kernels scaled by fan-in (He), zero biases and means, unit scales and
+  variances. The forward tests need plausible values, not the initialisers,
+  whose random programs would be most of each network's compile time."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
+                                             train=False))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
+              ).astype(leaf.dtype)
+    assert name in ("bias", "scale", "mean", "var"), path
+    return np.full(leaf.shape, name in ("scale", "var"), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def _forward_size(name):
   # ImageNet models pool globally, so a 64-pixel input exercises every layer
   # at a fraction of the cost of 224.
@@ -87,7 +108,7 @@ def test_forward_train_and_eval(name):
   model = models.create(name, num_classes=10)
   size = _forward_size(name)
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = _host_variables(model, x)
 
   def run(variables, x):
     train_logits, updates = model.apply(variables, x, train=True,
@@ -126,7 +147,7 @@ def test_features_returns_outputs_with_the_same_logits(name):
   size = _forward_size(name)
   x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
   mask = jnp.array([True, True, True, False])
-  variables = model.init(jax.random.key(0), x)
+  variables = _host_variables(model, x)
 
   def run(features):
     # Two separate programs: one jit would let XLA merge the two forwards.

@@ -161,6 +161,15 @@ def _eval_batch(images, labels, step, *, batch_size: int, num_examples: int,
           "mask": mask}
 
 
+@functools.lru_cache(maxsize=64)
+def _program(fn, out_shardings, **settings):
+  """``fn`` with its static ``settings`` bound, jitted once per distinct
+  value: the datasets of a resume, of a table's cells or of a study's
+  separate runs reuse the compiled programs."""
+  return jax.jit(functools.partial(fn, **settings),
+                 out_shardings=out_shardings)
+
+
 class ArrayTrainData:
   """Training batches from a device-resident array dataset.
 
@@ -203,15 +212,13 @@ class ArrayTrainData:
                              if not isinstance(labels, jax.Array) else labels,
                              mesh)
     sharding = parallel.batch_sharding(mesh)
-    self._order_fn = jax.jit(
-        functools.partial(_epoch_order, seed=seed, num_examples=n,
-                          length=self.steps_per_epoch * batch_size),
-        out_shardings=parallel.replicated(mesh))
-    self._batch_fn = jax.jit(
-        functools.partial(_train_batch, seed=seed, batch_size=batch_size,
-                          num_examples=n, aug=augment, mean=tuple(mean),
-                          std=tuple(std), sharding=sharding),
-        out_shardings=sharding)
+    self._order_fn = _program(
+        _epoch_order, parallel.replicated(mesh), seed=seed, num_examples=n,
+        length=self.steps_per_epoch * batch_size)
+    self._batch_fn = _program(
+        _train_batch, sharding, seed=seed, batch_size=batch_size,
+        num_examples=n, aug=augment, mean=tuple(mean), std=tuple(std),
+        sharding=sharding)
 
   def epoch_order(self, epoch: int) -> jax.Array:
     """The (replicated) example order of ``epoch``; for tests and tools."""
@@ -256,11 +263,9 @@ class ArrayEvalData:
                              if not isinstance(labels, jax.Array) else labels,
                              mesh)
     sharding = parallel.batch_sharding(mesh)
-    self._batch_fn = jax.jit(
-        functools.partial(_eval_batch, batch_size=batch_size, num_examples=n,
-                          mean=tuple(mean), std=tuple(std),
-                          sharding=sharding),
-        out_shardings=sharding)
+    self._batch_fn = _program(
+        _eval_batch, sharding, batch_size=batch_size, num_examples=n,
+        mean=tuple(mean), std=tuple(std), sharding=sharding)
 
   def __len__(self) -> int:
     return self.num_batches

