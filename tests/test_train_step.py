@@ -203,12 +203,32 @@ def test_every_method_decreases_its_loss(method):
   hp = stage.hparams(30)  # DKD fully warmed up
   batch = parallel.host_local_to_global(
       {**batch, "index": np.arange(16, dtype=np.int32)}, mesh)
+  fresh = jax.device_get(state)
   history = []
   for _ in range(6):
     state, metrics = step(state, batch, hp)
-    history.append(float(metrics["loss"]))
-  assert np.isfinite(history).all()
-  assert history[-1] < history[0], history
+    history.append(jax.device_get(metrics))
+  loss_values = [float(m["loss"]) for m in history]
+  assert np.isfinite(loss_values).all()
+  assert loss_values[-1] < loss_values[0], loss_values
+  if stage.method.feature_term is not None:
+    _check_feature_method(method, stage, fresh, jax.device_get(state), history)
+
+
+def _check_feature_method(method, stage, fresh, state, history):
+  """A feature-based method trains with CE weight 1 and its reference's
+  feature weight, reports a finite term every step, and trains its
+  connector (if it has one) with the student."""
+  assert stage.settings.ce_weight == 1.0
+  assert stage.settings.feat_weight == methods.get(
+      method).defaults["feat_weight"]
+  assert all(np.isfinite(m[f"student/{method}"]) for m in history)
+  has_connector = stage.method.make_modules is not None
+  assert (state.modules is not None) == has_connector
+  if has_connector:
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                         state.modules, fresh.modules)
+    assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_eval_step_counts_real_examples_only():

@@ -202,7 +202,9 @@ def test_a_stopped_study_resumes_exactly(tmp_path, monkeypatch):
 def test_two_processes_run_the_same_study_as_one(tmp_path):
   """``--config.study.seeds`` on the command line; 2 processes × 2 CPU
   devices (jax.distributed on localhost) train the same study as
-  1 process × 4 devices, and every run's files are complete."""
+  1 process × 4 devices, and every run's files are complete. The processes
+  distil from the single process's teacher (test_train.py's two-process
+  test trains a teacher stage on 2 processes)."""
   flags = ["--config.method=kd", "--config.study.seeds=(3,4)"]
   single = subprocess.run(
       [sys.executable, "-m", "slkd_jax.main",
@@ -213,7 +215,9 @@ def test_two_processes_run_the_same_study_as_one(tmp_path):
   env = _cli_env(2)
   env["SLKD_LOCAL_DEVICES"] = "2"
   multi = subprocess.run(
-      ["bash", "launch/local.sh", "2", *_cli_flags(tmp_path / "two", *flags)],
+      ["bash", "launch/local.sh", "2",
+       *_cli_flags(tmp_path / "two", *flags,
+                   f"--config.teacher.checkpoint={tmp_path / 'one'}")],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stderr[-3000:]
   for r in (0, 1):
