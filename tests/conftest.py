@@ -34,12 +34,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # the workers take them first and finish together, rather than one worker
 # running the heaviest file alone at the end.
 SLOWEST_FILES = (
-    "test_train_study.py", "test_train_step.py", "test_models.py",
-    "test_feature_methods.py", "test_studies.py", "test_train.py",
-    "test_float64_reference.py", "test_reproducible.py", "test_benchmarks.py",
-    "test_teskd.py", "test_convert_torch.py", "test_dml.py", "test_table.py",
-    "test_crd_method.py", "test_model_features.py", "test_reviewkd.py",
-    "test_kdsvd_cpu.py", "test_loop_golden.py", "test_cli.py",
+    "test_train_step.py", "test_train_study.py", "test_train.py",
+    "test_studies.py", "test_models.py", "test_feature_methods.py",
+    "test_float64_reference.py", "test_reproducible.py", "test_teskd.py",
+    "test_benchmarks.py", "test_dml.py", "test_convert_torch.py",
+    "test_table.py", "test_model_features.py", "test_reviewkd.py",
+    "test_kdsvd_cpu.py", "test_crd_method.py", "test_loop_golden.py",
+    "test_cli.py",
 )
 
 
