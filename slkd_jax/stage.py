@@ -81,9 +81,9 @@ class Stage:
   def program_key(self) -> tuple:
     """Equal for stages whose steps and fresh states are the same programs
     (:mod:`slkd_jax.step_cache`): every field but what reaches the step as
-    :meth:`hparams` inputs: the seed, the schedule, the fusion weights
-    (also in ``options``, config.slkd) and the :data:`~slkd_jax.methods.
-    LOSS_KEYS` settings."""
+    :meth:`hparams` inputs, i.e. the seed, the schedule, the fusion weights
+    (also in ``options``: config.slkd) and the settings named in
+    :data:`slkd_jax.methods.LOSS_KEYS`."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name not in _HYPER_PARAMETER_FIELDS}
     fields["settings"] = _without(vars(self.settings), methods.LOSS_KEYS)

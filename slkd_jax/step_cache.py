@@ -85,7 +85,7 @@ def per_program(builder: Builder) -> Builder:
       cache.move_to_end(key)
       return cache[key]
     built = cache[key] = builder(stage, *args)
-    if len(cache) > MAX_PROGRAMS:
+    while len(cache) > MAX_PROGRAMS:
       cache.popitem(last=False)
     return built
 
