@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 import types
 from typing import Callable, TypeVar
 
@@ -73,18 +74,22 @@ def _hashable_or_same(value):
 
 
 def per_program(builder: Builder) -> Builder:
-  """Memoizes ``builder(stage, *args)`` (a jitted program) on
-  ``(stage.program_key(), args)``; ``args`` (mesh, impl, switches) must be
-  hashable."""
+  """Memoizes ``builder(stage, ...)`` (a jitted program) on
+  ``stage.program_key()`` and its other arguments (mesh, impl, switches:
+  hashable), however they are passed, defaults filled in."""
   cache = collections.OrderedDict()
+  signature = inspect.signature(builder)
 
   @functools.wraps(builder)
-  def cached(stage, *args):
-    key = (stage.program_key(), args)
+  def cached(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    stage, *rest = bound.arguments.values()
+    key = (stage.program_key(), tuple(rest))
     if key in cache:
       cache.move_to_end(key)
       return cache[key]
-    built = cache[key] = builder(stage, *args)
+    built = cache[key] = builder(*bound.args, **bound.kwargs)
     while len(cache) > MAX_PROGRAMS:
       cache.popitem(last=False)
     return built

@@ -43,6 +43,9 @@ def test_a_stage_resolved_again_reuses_its_steps():
           is studies.make_runs_step(again, mesh, "unrolled"))
   assert (studies.make_runs_eval_step(first, mesh, "vmap")
           is studies.make_runs_eval_step(again, mesh, "vmap"))
+  # However the arguments are passed.
+  assert (train_step.make_train_step(stage=again, mesh=mesh)
+          is train_step.make_train_step(first, mesh))
 
 
 # What reaches the step only as hyper-parameters (HParams inputs).
