@@ -77,6 +77,20 @@ def _metrics(stage_dir):
   return records
 
 
+def machine() -> dict:
+  """The CPU a fingerprint was made on: XLA:CPU picks its kernels by the
+  instruction set, so float32 results differ in the last bits between CPU
+  models."""
+  cpu, flags = "unknown", ""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      info = dict(line.split(":", 1) for line in f if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpu, flags = info.get("model name", cpu), info.get("flags", "")
+  isa = sorted(f for f in flags.split() if f.startswith(("avx", "amx")))
+  return {"cpu": cpu, "isa": " ".join(isa)}
+
+
 def fingerprint(workdir):
   """Every stage's metrics and array digests."""
   result = {}

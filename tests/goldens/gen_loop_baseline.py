@@ -4,15 +4,19 @@ Run once from the repository root on the commit *before* a change to the
 outer loop, under the test suite's JAX settings (tests/conftest.py: 8 fake
 CPU devices, ``jax_disable_most_optimizations``):
 
-    python tests/goldens/gen_loop_baseline.py tests/goldens/loop_baseline.json
+    python tests/goldens/gen_loop_baseline.py \
+        tests/goldens/loop_baseline/<cpu kind>.json
 
 It trains the config of ``tests/test_loop_golden.py`` (a teacher stage,
 then SLKD with K = 2, FitNet, CRD and DML stages from that teacher) and
 writes every stage's ``metrics.jsonl`` records (every number) and the
 SHA-256 of every array of its final model and its last checkpoint's
-student, SL-Ts, extra modules and buffers. The recorded file was made on
+student, SL-Ts, extra modules and buffers. The recorded files were made on
 commit 7d14e89 (the last commit with two outer loops) on the 2-core CPU
-machine with jax 0.10.2.
+machine with jax 0.10.2. XLA:CPU's float32 bits depend on the CPU's
+instruction set, so each CPU kind the suite runs on has its own file, made
+the same way on 7d14e89 (copy this script and ``tests/loop_golden.py`` into
+a checkout of it); ``_machine`` names the CPU.
 """
 
 import json
@@ -23,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 import conftest  # noqa: E402,F401  (the suite's JAX flags)
-from loop_golden import config, fingerprint  # noqa: E402
+from loop_golden import config, fingerprint, machine  # noqa: E402
 
 from slkd_jax import train  # noqa: E402
 
@@ -32,6 +36,7 @@ def main(out: str) -> None:
   with tempfile.TemporaryDirectory() as workdir:
     train.run(config(), workdir)
     record = fingerprint(workdir)
+  record["_machine"] = machine()
   with open(out, "w") as f:
     json.dump(record, f, indent=1, sort_keys=True)
   print(f"wrote {out}: {sorted(record)}")
