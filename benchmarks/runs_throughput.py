@@ -64,7 +64,6 @@ def measure(pair: common.Pair, args, runs: int, mode: str) -> dict:
   """Seconds of ``args.steps`` iterations of R runs in ``mode``: 'vmap' /
   'unrolled' (one program) or 'sequential' (R single-run steps)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from slkd_jax import parallel, studies, train_step
   from slkd_jax import stage as stage_lib
@@ -100,7 +99,9 @@ def measure(pair: common.Pair, args, runs: int, mode: str) -> dict:
   else:
     step = studies.make_runs_step(stage, mesh, mode)
     box = {"states": studies.create_runs_state(stage, mesh, range(runs)),
-           "alive": jnp.ones(runs, bool)}
+           # Typed as the step's output: the second call does not retrace.
+           "alive": jax.device_put(np.ones(runs, bool),
+                                   parallel.replicated(mesh))}
     hps = studies.stack([hp] * runs)
 
     def iteration():

@@ -2,7 +2,9 @@
 lines scripts rely on, and the PyTorch side computes what docs/method.md says.
 
 No timing assertions: each script runs 2 steps on the smallest (smoke) pair
-with --xla-fast-compile, so CI keeps them working in about a minute.
+with --xla-fast-compile, so CI keeps them working in about a minute. The
+step and runs benchmarks run in the test's process on one device; the
+comparison starts its processes as a user's shell would.
 """
 
 import importlib.util
@@ -59,11 +61,24 @@ def check_result(r, framework):
   assert r["peak_memory_bytes"] is None  # CPU keeps no memory statistics
 
 
+def run_in_process(main, argv, capsys):
+  """``main(argv)`` of a benchmark script in this process (its programs
+  compile on one of the suite's fake devices, with no process to start);
+  its JSON lines and printed output."""
+  capsys.readouterr()
+  main([*argv, "--devices", "1"])
+  stdout = capsys.readouterr().out
+  return [json.loads(l) for l in stdout.splitlines() if l.startswith("{")], \
+      stdout
+
+
 @pytest.mark.slow
-def test_step_throughput_smoke(tmp_path):
+def test_step_throughput_smoke(tmp_path, capsys):
+  from benchmarks import step_throughput
   out = tmp_path / "jax.jsonl"
-  lines, stdout = run_bench("step_throughput.py", *SMOKE, "--xla-fast-compile",
-                            "--json-out", str(out))
+  lines, stdout = run_in_process(
+      step_throughput.main, [*SMOKE, "--xla-fast-compile", "--json-out",
+                             str(out)], capsys)
   assert len(lines) == 1
   r = lines[0]
   check_result(r, "jax")
@@ -75,9 +90,11 @@ def test_step_throughput_smoke(tmp_path):
 
 @pytest.mark.slow
 @needs_torch
-def test_runs_throughput_smoke():
-  lines, out = run_bench("runs_throughput.py", *SMOKE, "--runs", "1,2",
-                         "--runs-impl", "vmap", "--xla-fast-compile")
+def test_runs_throughput_smoke(capsys):
+  from benchmarks import runs_throughput
+  lines, out = run_in_process(
+      runs_throughput.main, [*SMOKE, "--runs", "1,2", "--runs-impl", "vmap",
+                             "--xla-fast-compile"], capsys)
   assert [(r["runs"], r["mode"]) for r in lines] == [
       (1, "vmap"), (1, "sequential"), (2, "vmap"), (2, "sequential")]
   assert all(r["images_per_s_per_run"] > 0 for r in lines)

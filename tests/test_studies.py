@@ -75,11 +75,13 @@ def study(method, impl, mesh, n, temperatures=TEMPERATURES,
   hps = studies.stack([
       stage.hparams(1).replace(
           temperature=jnp.asarray(t),
+          # Not weak-typed, as the stage's own: the same program as above.
           learning_rate=(stage.hparams(1).learning_rate if learning_rates is None
-                         else jnp.asarray(learning_rates[r])))
+                         else jnp.asarray(learning_rates[r], jnp.float64)))
       for r, (stage, t) in enumerate(zip(stages, temperatures))])
   step = studies.make_runs_step(stages[0], mesh, impl, shared_batch)
-  alive = jnp.ones(len(SEEDS), bool)
+  # Typed as the step's output (replicated on the mesh): no second trace.
+  alive = jax.device_put(np.ones(len(SEEDS), bool), parallel.replicated(mesh))
   data = batches(mesh, n) if shared_batch else run_batches(mesh, n)
   for batch in data:
     states, alive, metrics = step(states, alive, teacher, batch, hps)

@@ -260,38 +260,46 @@ def test_cli_rejects_bad_config_values(tmp_path):
   assert not os.path.exists(tmp_path / "slkd")
 
 
-def _final_eval(workdir):
-  records = metrics.read_jsonl(os.path.join(workdir, "slkd", "metrics.jsonl"))
-  return [r for r in records if "eval/student/ce" in r][-1]
-
-
 def test_two_processes_match_one_process(tmp_path):
   """2 processes × 2 CPU devices (jax.distributed on localhost) give the
-  same run as 1 process × 4 devices."""
-  one_slt = "--config.slkd.num_slts=1"  # the processes are tested, not K
+  same runs as 1 process × 4 devices: the teacher stage (a single run) and
+  a 2-seed SLKD study (``--config.study.seeds`` on the command line), and
+  every run's files are complete. One launch covers both (each launch
+  starts and compiles three processes)."""
+  flags = ["--config.slkd.num_slts=1",  # the processes are tested, not K
+           "--config.study.seeds=(3,4)"]
   single = subprocess.run(
       [sys.executable, "-m", "slkd_jax.main",
-       *_cli_flags(tmp_path / "one", one_slt)],
+       *_cli_flags(tmp_path / "one", *flags)],
       cwd=REPO, env=_cli_env(4), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
+  assert "2 runs in one program" in single.stderr
   env = _cli_env(2)
   env["SLKD_LOCAL_DEVICES"] = "2"
   multi = subprocess.run(
-      ["bash", "launch/local.sh", "2",
-       *_cli_flags(tmp_path / "two", one_slt)],
+      ["bash", "launch/local.sh", "2", *_cli_flags(tmp_path / "two", *flags)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stderr[-3000:]
   assert "processes: 2" in multi.stderr
-  one, two = _final_eval(tmp_path / "one"), _final_eval(tmp_path / "two")
-  for key, value in one.items():
-    if isinstance(value, float):
-      assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+  runs = [("teacher",), *(("runs", str(r), "slkd") for r in (0, 1))]
+  for run in runs:
+    one, two = (metrics.read_jsonl(str(tmp_path.joinpath(w, *run,
+                                                         "metrics.jsonl")))
+                for w in ("one", "two"))
+    assert [x["step"] for x in one] == [x["step"] for x in two], run
+    assert any("eval/student/ce" in x for x in one), run
+    for key, value in one[-1].items():
+      if isinstance(value, float):
+        assert two[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    for name in ("best", "checkpoints"):
+      assert os.listdir(tmp_path.joinpath("two", *run, name)), run
   # Same parameters up to the float reassociation of a different
   # all-reduce topology.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-5),
-               restore_final(str(tmp_path / "one" / "slkd")),
-               restore_final(str(tmp_path / "two" / "slkd")))
+  for stage in ("teacher", "slkd"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-5),
+                 restore_final(str(tmp_path / "one" / stage)),
+                 restore_final(str(tmp_path / "two" / stage)))
   assert json.load(open(tmp_path / "two" / "config.json"))["method"] == "slkd"
 
 

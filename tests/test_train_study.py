@@ -6,8 +6,6 @@ resumes exactly."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +15,7 @@ from slkd_jax import checkpoint, errors, evaluate, metrics, parallel, report
 from slkd_jax import config_checks
 from slkd_jax import train
 
-from test_train import (REPO, _cli_env, _cli_flags, _wrap_datasets,
-                        assert_trees_equal, restore_final)
+from test_train import _wrap_datasets, assert_trees_equal, restore_final
 from test_train import tiny_config as synthetic_config
 
 SEEDS = (0, 1, 2, 3)
@@ -45,7 +42,7 @@ def study_config(**overrides):
 def kd_study(seeds, **study):
   """A KD study of test_train's tiny run. vmap: one copy of the step to
   compile rather than one per run; the driver is the same for both impls
-  (the two-process test below runs the CPU default, unrolled, and
+  (test_train.py's two-process study runs the CPU default, unrolled, and
   tests/test_studies.py checks both impls step by step)."""
   config = synthetic_config(method="kd")
   config.study.seeds = seeds
@@ -197,42 +194,6 @@ def test_a_stopped_study_resumes_exactly(tmp_path, monkeypatch):
                                             "metrics.jsonl"))
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == sorted(set(steps)) == list(range(1, 7))
-
-
-def test_two_processes_run_the_same_study_as_one(tmp_path):
-  """``--config.study.seeds`` on the command line; 2 processes × 2 CPU
-  devices (jax.distributed on localhost) train the same study as
-  1 process × 4 devices, and every run's files are complete. The processes
-  distil from the single process's teacher (test_train.py's two-process
-  test trains a teacher stage on 2 processes)."""
-  flags = ["--config.method=kd", "--config.study.seeds=(3,4)"]
-  single = subprocess.run(
-      [sys.executable, "-m", "slkd_jax.main",
-       *_cli_flags(tmp_path / "one", *flags)],
-      cwd=REPO, env=_cli_env(4), capture_output=True, text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  assert "2 runs in one program" in single.stderr
-  env = _cli_env(2)
-  env["SLKD_LOCAL_DEVICES"] = "2"
-  multi = subprocess.run(
-      ["bash", "launch/local.sh", "2",
-       *_cli_flags(tmp_path / "two", *flags,
-                   f"--config.teacher.checkpoint={tmp_path / 'one'}")],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert multi.returncode == 0, multi.stderr[-3000:]
-  for r in (0, 1):
-    one, two = (metrics.read_jsonl(str(tmp_path / w / "runs" / str(r) / "kd" /
-                                       "metrics.jsonl")) for w in ("one", "two"))
-    assert [x["step"] for x in one] == [x["step"] for x in two]
-    for key, value in one[-1].items():
-      if isinstance(value, float):
-        assert two[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
-    for name in ("best", "checkpoints"):
-      assert os.listdir(tmp_path / "two" / "runs" / str(r) / "kd" / name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-5),
-               restore_final(str(tmp_path / "one" / "kd")),
-               restore_final(str(tmp_path / "two" / "kd")))
 
 
 @pytest.mark.parametrize("key,value,message", [
