@@ -60,6 +60,8 @@ def run_steps(c, mesh, batches, num_steps=1, state=None, step=None, hp=None):
   step."""
   if state is None:
     state = state_lib.create_state(stage_lib.resolve(c), mesh, random_teacher(c))
+  else:  # a host state, placed as the step returns it: no second trace
+    state = jax.device_put(state, parallel.replicated(mesh))
   step = step or train_step.make_train_step(stage_lib.resolve(c), mesh)
   hp = stage_lib.resolve(c).hparams(1) if hp is None else hp
   metrics = None
