@@ -99,9 +99,7 @@ def measure(pair: common.Pair, args, runs: int, mode: str) -> dict:
   else:
     step = studies.make_runs_step(stage, mesh, mode)
     box = {"states": studies.create_runs_state(stage, mesh, range(runs)),
-           # Typed as the step's output: the second call does not retrace.
-           "alive": jax.device_put(np.ones(runs, bool),
-                                   parallel.replicated(mesh))}
+           "alive": studies.all_alive(runs, mesh)}
     hps = studies.stack([hp] * runs)
 
     def iteration():

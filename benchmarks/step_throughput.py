@@ -150,7 +150,7 @@ def measure(pair: common.Pair, args, ensemble: str) -> dict:
   state = studies.create_runs_state(stage, mesh, [config.seed])
   hp = studies.stack([stage.hparams(1)])
   runs_step = studies.make_runs_step(stage, mesh, "unrolled", freeze=False)
-  alive = jax.device_put(np.ones(1, bool), parallel.replicated(mesh))
+  alive = studies.all_alive(1, mesh)
 
   def step(state, batch, hp):
     state, _, metrics = runs_step(state, alive, teacher, batch, hp)

@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -242,7 +241,7 @@ def _restore(loop: _Loop, states):
   """``(states, alive, epoch, step_in_epoch)`` from the stage's latest
   checkpoint; a fresh start when there is none."""
   replicated = parallel.replicated(loop.mesh)
-  alive = jax.device_put(jnp.ones(loop.runs, bool), replicated)
+  alive = studies.all_alive(loop.runs, loop.mesh)
   restored = restore_latest(
       loop.ckpt, loop.plan.name, loop.plan.stage_dir, loop.plan.config,
       checkpoint.abstract_like(loop.saved_tree(states, alive), loop.mesh))

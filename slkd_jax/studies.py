@@ -48,6 +48,13 @@ def run_slice(tree, r: int):
   return jax.tree.map(lambda leaf: leaf[r], tree)
 
 
+def all_alive(runs: int, mesh) -> jax.Array:
+  """Every run's alive flag set, placed as the study step returns the flags
+  (replicated on the mesh), so the step's second call does not trace and
+  compile it again."""
+  return jax.device_put(jnp.ones(runs, bool), parallel.replicated(mesh))
+
+
 @jax.jit
 def take_run(states, r):
   """:func:`run_slice` of device-resident states as one compiled program
@@ -179,7 +186,7 @@ def compile_runs_step(stage: Stage, mesh, impl: str, states: DistillState,
       backend reports one (GPUs): fewer runs fit; nothing was trained.
   """
   runs = int(jax.tree.leaves(states.student.params)[0].shape[0])
-  alive = jnp.ones(runs, bool)
+  alive = all_alive(runs, mesh)
   compiled = _jit_runs_step(stage, mesh, impl, shared_batch, freeze).lower(
       states, alive, teacher, batch, hps).compile()
   stats = compiled.memory_analysis()

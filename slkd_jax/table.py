@@ -43,7 +43,6 @@ import io
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -711,7 +710,8 @@ def measure_images_per_second(config, runs: int = 1, steps: int = 2
       stage, mesh, (c.study.impl or c.slkd.ensemble) if runs > 1
       else "unrolled", freeze=runs > 1)
   teacher = teacher if stage.method.uses_teacher else None
-  hps, alive = studies.stack([stage.hparams(1)] * runs), np.ones(runs, bool)
+  hps, alive = (studies.stack([stage.hparams(1)] * runs),
+                studies.all_alive(runs, mesh))
   advance = lambda s: step(s, alive, teacher, batch, hps)[::2]  # noqa: E731
   state, m = advance(state)
   jax.block_until_ready(m)

@@ -80,8 +80,7 @@ def study(method, impl, mesh, n, temperatures=TEMPERATURES,
                          else jnp.asarray(learning_rates[r], jnp.float64)))
       for r, (stage, t) in enumerate(zip(stages, temperatures))])
   step = studies.make_runs_step(stages[0], mesh, impl, shared_batch)
-  # Typed as the step's output (replicated on the mesh): no second trace.
-  alive = jax.device_put(np.ones(len(SEEDS), bool), parallel.replicated(mesh))
+  alive = studies.all_alive(len(SEEDS), mesh)
   data = batches(mesh, n) if shared_batch else run_batches(mesh, n)
   for batch in data:
     states, alive, metrics = step(states, alive, teacher, batch, hps)
