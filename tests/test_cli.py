@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, env_extra=None, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(xla_force_host_platform_device_count=1))
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "slkd_jax.main", *args],
                         cwd=REPO, env=env, capture_output=True, text=True,

@@ -15,6 +15,7 @@ import pytest
 from absl import flags
 
 from slkd_jax import cli, errors, evaluate, preemption
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"main": ["--config", "--workdir", "--coordinator_address"],
@@ -33,7 +34,7 @@ TINY_RUN = [
 
 def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+              XLA_FLAGS=xla_flags(xla_force_host_platform_device_count=1))
 
 
 def _one_error_line(stderr: str) -> str:

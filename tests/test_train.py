@@ -16,6 +16,7 @@ import pytest
 from slkd_jax import checkpoint, metrics, parallel, train
 from slkd_jax import config as config_lib
 from slkd_jax import data as data_lib
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,7 +232,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
 
 def _cli_env(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(xla_force_host_platform_device_count=devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   env["PYTHON"] = sys.executable

@@ -1,8 +1,9 @@
 """Record what a single run computes, bit for bit, for tests/test_loop_golden.py.
 
 Run once from the repository root on the commit *before* a change to the
-outer loop, under the test suite's JAX settings (tests/conftest.py: 8 fake
-CPU devices, ``jax_disable_most_optimizations``):
+outer loop (it sets the JAX settings the baselines were recorded under: 8
+fake CPU devices, ``jax_disable_most_optimizations``, XLA's default CPU
+emitters):
 
     python tests/goldens/gen_loop_baseline.py \
         tests/goldens/loop_baseline/<cpu kind>.json
@@ -24,9 +25,18 @@ import os
 import sys
 import tempfile
 
+# The JAX settings every baseline was recorded under (the suite's on commit
+# 7d14e89): 8 fake CPU devices, XLA's default CPU emitters, and
+# jax_disable_most_optimizations. Set here, not taken from the suite's
+# conftest, whose flags may change for speed: the bits depend on them.
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
-import conftest  # noqa: E402,F401  (the suite's JAX flags)
+import jax  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+
 from loop_golden import config, fingerprint, machine  # noqa: E402
 
 from slkd_jax import train  # noqa: E402
