@@ -234,7 +234,6 @@ def _cli_env(devices):
   env = dict(os.environ)
   env["XLA_FLAGS"] = xla_flags(xla_force_host_platform_device_count=devices)
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   env["PYTHON"] = sys.executable
   return env
 
