@@ -68,8 +68,9 @@ def run_in_process(main, argv, capsys):
   capsys.readouterr()
   main([*argv, "--devices", "1"])
   stdout = capsys.readouterr().out
-  return [json.loads(l) for l in stdout.splitlines() if l.startswith("{")], \
-      stdout
+  lines = [json.loads(line) for line in stdout.splitlines()
+           if line.startswith("{")]
+  return lines, stdout
 
 
 @pytest.mark.slow
